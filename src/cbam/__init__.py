@@ -1,0 +1,19 @@
+"""cbam: the Convolutional Block Attention Module (Woo et al., ECCV 2018) for PyTorch."""
+
+from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
+from .models import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BAM",
+    "CBAM",
+    "SE",
+    "ChannelGate",
+    "SpatialGate",
+    "create_attn",
+    "create_model",
+    "get_attn",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,21 @@
+"""Attention modules: CBAM and its gates, and the SE and BAM modules the paper compares with."""
+
+from .bam import BAM
+from .cbam import ARRANGEMENTS, CBAM, POOL_TYPES, PRESETS, ChannelGate, SpatialGate
+from .create_attn import ATTENTION_TYPES, attention_name, create_attn, get_attn
+from .se import SE
+
+__all__ = [
+    "ARRANGEMENTS",
+    "ATTENTION_TYPES",
+    "BAM",
+    "CBAM",
+    "POOL_TYPES",
+    "PRESETS",
+    "SE",
+    "ChannelGate",
+    "SpatialGate",
+    "attention_name",
+    "create_attn",
+    "get_attn",
+]

@@ -1,0 +1,175 @@
+"""``cbam demo`` and ``cbam ablate``: several trainings of one recipe, compared side by side.
+
+``demo`` trains a plain and a CBAM network on the synthetic data (the README's first command, through
+``make demo``). ``ablate`` runs the configurations of the paper's Tables 1-3 (channel pooling, spatial
+compression and kernel size, arrangement) plus the plain and SE networks, and prints them in the paper's
+form, with mean +- standard deviation over seeds when several are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..report import FORMATS, format_rows
+from .config import TrainConfig, resolve
+
+# key -> (description in the paper's words, TrainConfig overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("baseline (no attention)", {"attention": "none"}),
+    "se": ("SE (= channel: AvgPool)", {"attention": "se"}),
+    "ch_max": ("channel: MaxPool", {"attention": "cbam", "spatial": False, "pool_types": ["max"]}),
+    "ch_avgmax": ("channel: AvgPool & MaxPool", {"attention": "cbam", "spatial": False, "pool_types": ["avg", "max"]}),
+    "conv_k3": ("channel + spatial (1x1 conv, k = 3)", {"attention": "cbam", "spatial_compress": "conv", "kernel_size": 3}),
+    "conv_k7": ("channel + spatial (1x1 conv, k = 7)", {"attention": "cbam", "spatial_compress": "conv", "kernel_size": 7}),
+    "pool_k3": ("channel + spatial (avg & max, k = 3)", {"attention": "cbam", "kernel_size": 3}),
+    "cbam": ("channel + spatial (avg & max, k = 7) = CBAM", {"attention": "cbam"}),
+    "spatial_first": ("spatial + channel (sequential)", {"attention": "cbam", "arrangement": "spatial_first"}),
+    "parallel": ("channel & spatial in parallel", {"attention": "cbam", "arrangement": "parallel"}),
+}
+# the paper's tables as lists of variant keys (channel-first CBAM appears in Tables 2 and 3, as in the paper)
+TABLES: dict[str, tuple[str, list[str]]] = {
+    "1": ("Table 1: channel attention pooling", ["plain", "se", "ch_max", "ch_avgmax"]),
+    "2": ("Table 2: spatial attention on top of channel (avg & max)",
+          ["ch_avgmax", "conv_k3", "conv_k7", "pool_k3", "cbam"]),
+    "3": ("Table 3: arrangement of the two gates", ["se", "cbam", "spatial_first", "parallel"]),
+}
+
+
+def run_variants(base: TrainConfig, keys: list[str], seeds: list[int], root: Path) -> dict[str, list[dict]]:
+    """Train every variant for every seed (in order, one run folder each) and collect the summaries."""
+    from .engine import train
+
+    results: dict[str, list[dict]] = {}
+    for key in keys:
+        for seed in seeds:
+            out = root / (key if len(seeds) == 1 else f"{key}-seed{seed}")
+            cfg = dataclasses.replace(base, **VARIANTS[key][1], seed=seed, output=str(out), overwrite=True,
+                                      resume=False)
+            print(f"== {key}: {VARIANTS[key][0]} (seed {seed}) -> {out}", flush=True)
+            summary = train(cfg)
+            if summary:
+                results.setdefault(key, []).append(summary)
+    return results
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(key: str, runs: list[dict]) -> dict[str, Any]:
+    top1, top1_sd = _mean_spread([r["final_top1_err"] for r in runs])
+    top5, top5_sd = _mean_spread([r["final_top5_err"] for r in runs])
+    return {
+        "variant": key, "description": VARIANTS[key][0], "params_m": runs[0]["params"] / 1e6,
+        "gmacs": runs[0]["gmacs"], "top1_err": top1, "top1_sd": top1_sd, "top5_err": top5, "top5_sd": top5_sd,
+        "images_per_s": statistics.fmean(r["images_per_s"] for r in runs), "seeds": len(runs),
+    }
+
+
+def _error_cell(mean: float, spread: float | None) -> str:
+    return f"{mean:.2f}" if spread is None else f"{mean:.2f} ± {spread:.2f}"
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    shown = [{"description": r["description"], "params (M)": r["params_m"], "GMACs": r["gmacs"],
+              "top-1 err (%)": _error_cell(r["top1_err"], r["top1_sd"]),
+              "top-5 err (%)": _error_cell(r["top5_err"], r["top5_sd"]), "images/s": r["images_per_s"]}
+             for r in rows]
+    return format_rows(shown, fmt=fmt, digits={"params (M)": 3, "GMACs": 4, "images/s": 0})
+
+
+def _base_config(args: argparse.Namespace, recipe: str, exclude: tuple[str, ...]) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}
+              and k not in exclude}
+    values["config"] = values.get("config") or recipe
+    return resolve(values)
+
+
+def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument("--config", default=None, help="recipe or YAML file (default: demo)")
+    parser.add_argument("--model", default=None, help="network (default: the recipe's)")
+    parser.add_argument("--dataset", default=None, help="data set (default: the recipe's, synthetic)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--output", default=output, help=f"folder for the runs (default {output})")
+    parser.add_argument("--format", choices=FORMATS, default="table")
+
+
+# ------------------------------------------------------------------------------------------ demo
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, "runs/demo")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per network (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    base = _base_config(args, "demo", ("output",))
+    root = Path(args.output)
+    results = run_variants(base, ["plain", "cbam"], [base.seed], root)
+    if not results:
+        return 0
+    rows = []
+    for key, runs in results.items():
+        r = runs[0]
+        rows.append({"network": f"{base.model} + {'CBAM' if key == 'cbam' else 'nothing'}",
+                     "top-1 err (%)": r["final_top1_err"], "top-5 err (%)": r["final_top5_err"],
+                     "params (M)": r["params"] / 1e6, "GMACs": r["gmacs"], "images/s": r["images_per_s"],
+                     "train s": r["wall_time_s"]})
+    text = format_rows(rows, fmt=args.format, digits={"top-1 err (%)": 2, "top-5 err (%)": 2, "params (M)": 3,
+                                                       "GMACs": 4, "images/s": 0, "train s": 0})
+    (root / "results.md").write_text(format_rows(rows, fmt="markdown", digits={
+        "top-1 err (%)": 2, "top-5 err (%)": 2, "params (M)": 3, "GMACs": 4, "images/s": 0, "train s": 0}) + "\n")
+    print(f"\n{base.dataset}, {base.epochs} epochs each (runs in {root}/plain and {root}/cbam):\n{text}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ ablate
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, "runs/ablate")
+    parser.add_argument("--budget", type=int, required=True, help="training epochs per configuration")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; more than one adds the spread")
+    parser.add_argument("--tables", default="1,2,3", help="which of the paper's tables, e.g. 1,3")
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    if args.budget < 1:
+        raise UsageError(f"--budget is epochs per configuration and must be at least 1, got {args.budget}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown or not tables or not seeds:
+        raise UsageError(f"--tables expects a subset of 1,2,3 and --seeds at least one seed, got "
+                         f"{args.tables!r} / {args.seeds!r}")
+    base = dataclasses.replace(_base_config(args, "demo", ("output",)), epochs=args.budget)
+    keys = list(dict.fromkeys(k for t in tables for k in TABLES[t][1]))
+    root = Path(args.output)
+    results = run_variants(base, keys, seeds, root)
+    if not results:
+        return 0
+    summaries = {k: summarise(k, runs) for k, runs in results.items()}
+    blocks = []
+    for t in tables:
+        title, table_keys = TABLES[t]
+        blocks.append(f"{title} ({base.model}, {base.dataset}, {args.budget} epochs, {len(seeds)} seed(s))\n"
+                      + render([summaries[k] for k in table_keys], args.format))
+    text = "\n\n".join(blocks)
+    (root / "results.json").write_text(json.dumps(list(summaries.values()), indent=2) + "\n")
+    (root / "results.md").write_text("\n\n".join(
+        f"{TABLES[t][0]}\n\n" + render([summaries[k] for k in TABLES[t][1]], "markdown") for t in tables) + "\n")
+    print("\n" + text)
+    return 0
