@@ -48,7 +48,8 @@ def format_rows(
 
     out = [line(columns)]
     if fmt == "markdown":
-        out.append("|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric, strict=True)) + "|")
+        rules = [("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric, strict=True)]
+        out.append("|" + "|".join(rules) + "|")
     else:
         out.append("  ".join("-" * w for w in widths))
     out += [line(t) for t in text]

@@ -196,7 +196,10 @@ def test_timm_preset_matches_timm_cbam_module(channels):
         "channel.fc1.weight": sd["channel.fc1.weight"].flatten(1),
         "channel.fc2.weight": sd["channel.fc2.weight"].flatten(1),
         "spatial.conv.weight": sd["spatial.conv.conv.weight"],
-        **{f"spatial.norm.{k}": sd[f"spatial.conv.bn.{k}"] for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+        **{
+            f"spatial.norm.{k}": sd[f"spatial.conv.bn.{k}"]
+            for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        },
     }
     ours.load_state_dict(mapped, strict=True)
     x = torch.randn(3, channels, 7, 7)

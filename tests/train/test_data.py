@@ -7,12 +7,13 @@ import hashlib
 import pickle
 import struct
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import TensorDataset
 from torchvision import datasets
 
 from cbam.errors import UsageError
@@ -121,6 +122,14 @@ def test_synthetic_through_build_datasets_and_loader():
     assert [len(b[1]) for b in batches] == [4, 4, 2]  # validation keeps the last partial batch
 
 
+def test_augment_none_gives_training_the_validation_transform():
+    train, _, _ = build_datasets(
+        "synthetic", None, synthetic_train_size=4, synthetic_val_size=2, augment="none"
+    )
+    torch.manual_seed(0)
+    assert all(torch.equal(train[1][0], train[1][0]) for _ in range(8))
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -185,7 +194,12 @@ def test_mnist_missing_files_name_the_expected_path(tmp_path):
     with pytest.raises(UsageError) as err:
         build_datasets("mnist", tmp_path)
     msg = str(err.value)
-    assert str(tmp_path / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "--download" in msg
+    assert f"expected {tmp_path / 'MNIST' / 'raw'}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte" in msg
+    assert "--download" in msg
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    _write_idx_labels(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.arange(3))
+    with pytest.raises(UsageError, match="missing train-images-idx3-ubyte, t10k-images"):
+        build_datasets("mnist", tmp_path)
     assert "\n" not in msg
 
 
@@ -264,6 +278,7 @@ def test_cifar_missing_files_name_the_expected_path(tmp_path, name, folder, firs
         build_datasets(name, tmp_path)
     msg = str(err.value)
     assert f"expected {tmp_path / folder}" in msg and first_file in msg and "--download" in msg
+    assert "none of them is there" in msg
     assert "\n" not in msg
 
 
@@ -272,6 +287,17 @@ def test_cifar_corrupt_file_is_named(tmp_path, monkeypatch):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(UsageError, match="data_batch_3 failed the md5 check"):
         build_datasets("cifar10", tmp_path)
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch):
+    def offline(self):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    target = tmp_path / "new"
+    with pytest.raises(UsageError, match=r"none of them is there; the download failed \(URLError") as err:
+        build_datasets("cifar10", target, download=True)
+    assert target.is_dir() and "\n" not in str(err.value)  # --download creates the directory
 
 
 @pytest.mark.parametrize("data_dir", [None, "does-not-exist"])
@@ -316,8 +342,12 @@ def test_imagefolder_loads_with_imagenet_transforms(tmp_path):
     assert x.shape == (3, 32, 32)
 
 
-def test_imagefolder_bad_image_stop_names_the_file(tmp_path):
+@pytest.mark.parametrize("kind", ["random bytes", "truncated png"])
+def test_imagefolder_bad_image_stop_names_the_file(tmp_path, kind):
     bad = _fake_imagefolder(tmp_path)
+    if kind == "truncated png":
+        good = (tmp_path / "train" / "cat" / "img0.png").read_bytes()
+        bad.write_bytes(good[: len(good) // 2])
     train, _, _ = build_datasets("imagefolder", tmp_path, image_size=32)
     with pytest.raises(UsageError) as err:
         list(build_loader(train, batch_size=2, train=False))
@@ -371,20 +401,27 @@ def _order(loader) -> list[int]:
 def test_loader_batch_larger_than_the_data():
     with pytest.raises(UsageError, match="batch size 512 is larger than the 100 training images"):
         build_loader(_indices(100), batch_size=512, train=True)
-    assert len(build_loader(_indices(100), batch_size=512, train=False)) == 1  # no drop_last for validation
-    assert len(build_loader(_indices(100), batch_size=512, train=True, drop_last=False)) == 1
+    assert len(build_loader(_indices(100), batch_size=512, train=False)) == 1  # validation keeps every image
 
 
-def test_loader_defaults_and_seeded_order():
+def test_loader_seeded_order_per_epoch():
     train = build_loader(_indices(20), batch_size=5, train=True, seed=7)
-    assert isinstance(train.sampler, RandomSampler) and train.drop_last
     assert train.pin_memory == torch.cuda.is_available()
     first = _order(train)
     assert sorted(first) == list(range(20)) and first != list(range(20))
     assert _order(build_loader(_indices(20), batch_size=5, train=True, seed=7)) == first
     assert _order(build_loader(_indices(20), batch_size=5, train=True, seed=8)) != first
-    val = build_loader(_indices(20), batch_size=6, train=False)
-    assert isinstance(val.sampler, SequentialSampler) and not val.drop_last and _order(val) == list(range(20))
+    train.sampler.set_epoch(1)
+    second = _order(train)
+    assert second != first and sorted(second) == list(range(20))
+    train.sampler.set_epoch(1, start_batch=2)  # resume after two batches: exactly the rest of the epoch
+    assert _order(train) == second[10:]
+    val = build_loader(_indices(22), batch_size=6, train=False)
+    assert _order(val) == list(range(22))
+
+
+def test_loader_drops_a_partial_training_batch():
+    assert len(_order(build_loader(_indices(22), batch_size=5, train=True))) == 20
 
 
 def test_loader_worker_options():
@@ -393,31 +430,40 @@ def test_loader_worker_options():
     assert not build_loader(_indices(20), batch_size=5, train=True).persistent_workers
 
 
-def test_loader_distributed_with_explicit_replicas():
-    loaders = [
-        build_loader(_indices(20), batch_size=5, train=True, distributed=True, num_replicas=2, rank=r, seed=3)
-        for r in range(2)
-    ]
-    assert all(isinstance(lo.sampler, DistributedSampler) and lo.sampler.shuffle for lo in loaders)
-    orders = [_order(lo) for lo in loaders]
-    assert len(orders[0]) == len(orders[1]) == 10
-    assert sorted(orders[0] + orders[1]) == list(range(20))
-    loaders[0].sampler.set_epoch(1)
-    assert _order(loaders[0]) != orders[0]  # a new epoch, a new shard order
-    with pytest.raises(UsageError, match=r"larger than the 10 training images per process \(20 over 2"):
-        build_loader(_indices(20), batch_size=16, train=True, distributed=True, num_replicas=2, rank=0)
+def test_loader_ranks_split_each_global_batch_like_accumulation():
+    ranks = [_order(build_loader(_indices(20), batch_size=10, train=True, rank=r, world_size=2, seed=3))
+             for r in range(2)]
+    accum = build_loader(_indices(20), batch_size=10, train=True, accum_steps=2, seed=3)
+    micro = [batch.tolist() for (batch,) in accum]
+    assert micro == [ranks[0][0:5], ranks[1][0:5], ranks[0][5:10], ranks[1][5:10]]
+    val = [_order(build_loader(_indices(21), batch_size=8, train=False, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(val[0] + val[1]) == list(range(21))
 
 
-def test_loader_distributed_needs_a_process_group_or_explicit_ranks():
-    with pytest.raises(UsageError, match="process group"):
-        build_loader(_indices(20), batch_size=5, train=True, distributed=True)
-    with pytest.raises(UsageError, match="rank must be"):
-        build_loader(_indices(20), batch_size=5, train=True, distributed=True, num_replicas=2, rank=2)
-    with pytest.raises(UsageError, match="only apply to distributed"):
-        build_loader(_indices(20), batch_size=5, train=True, num_replicas=2, rank=0)
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(1)
+
+    def draws(workers, epoch=0):
+        loader = build_loader(Noisy(), batch_size=4, train=True, workers=workers, seed=1)
+        loader.sampler.set_epoch(epoch)
+        return torch.cat(list(loader))
+
+    torch.manual_seed(123)
+    a = draws(0)
+    torch.manual_seed(456)
+    assert torch.equal(a, draws(0)) and torch.equal(a, draws(1))
+    assert not torch.equal(a, draws(0, epoch=1))
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_size": 2, "workers": -1}, {"batch_size": 2.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"batch_size": 0}, {"batch_size": 2, "workers": -1}, {"batch_size": 2.5}, {"batch_size": 5, "world_size": 2}],
+)
 def test_loader_bad_numbers(kwargs):
     with pytest.raises(UsageError):
         build_loader(_indices(20), train=True, **kwargs)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from cbam.cli import main
 
 ARGS = [
-    "train", "--dataset", "synthetic", "--model", "cifar_resnet20", "--attention", "cbam", "--image-size", "16",
+    "train", "--dataset", "synthetic", "--model", "cifar_resnet20", "--attention", "cbam", "--image-size", "32",
     "--synthetic-train-size", "64", "--synthetic-val-size", "32", "--batch-size", "16", "--lr", "0.05",
     "--epochs", "2", "--no-progress", "--workers", "0", "--seed", "3",
 ]

@@ -33,7 +33,9 @@ class BAM(nn.Module):
         super().__init__()
         name = type(self).__name__
         self.channels = check_positive_int(name, "channels", channels)
-        hidden = check_positive_int(name, "hidden", hidden_width(name, channels, reduction) if hidden is None else hidden)
+        if hidden is None:
+            hidden = hidden_width(name, channels, reduction)
+        hidden = check_positive_int(name, "hidden", hidden)
         check_positive_int(name, "dilation", dilation)
         self.channel = nn.Sequential(
             nn.Linear(channels, hidden),

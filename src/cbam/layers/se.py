@@ -30,7 +30,9 @@ class SE(nn.Module):
         super().__init__()
         name = type(self).__name__
         self.channels = check_positive_int(name, "channels", channels)
-        self.hidden = check_positive_int(name, "hidden", hidden_width(name, channels, reduction) if hidden is None else hidden)
+        if hidden is None:
+            hidden = hidden_width(name, channels, reduction)
+        self.hidden = check_positive_int(name, "hidden", hidden)
         self.fc1 = nn.Linear(channels, self.hidden, bias=bias)
         self.act = make_act(name, act_layer)
         self.fc2 = nn.Linear(self.hidden, channels, bias=bias)

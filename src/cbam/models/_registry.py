@@ -144,7 +144,12 @@ def create_model(
             )
     if num_classes is not None:
         model_kw["num_classes"] = num_classes
-    model = builder(attention=attention, attn_kwargs=attn_kw, **model_kw)
+    try:
+        model = builder(attention=attention, attn_kwargs=attn_kw, **model_kw)
+    except UsageError:
+        raise
+    except ValueError as exc:  # a module refused its configuration: still a ValueError, now one CLI line
+        raise UsageError(f"create_model({name!r}): {exc}") from None
     model.model_name = name
     model.attention = attn
     model.model_kwargs = dict(model_kw)

@@ -15,7 +15,7 @@ Where the attention sits. CBAM's paper (Woo et al., ECCV 2018, Table 5) does not
   1.23M MACs), and SE's counts are unaffected: there is one more module at 112x112. We put it after the
   stem conv's BN (``attn_stem``, ``stem_attn=True``): attention after every conv + BN of the network, 27
   modules. Its 162-262 parameters do not show at 0.01M. (A module on the input of each depthwise conv
-  instead of its output would count the same; the table cannot tell these apart.)
+  instead of its output counts the same to 0.001G; the table cannot tell these apart.)
 * MLP width: the paper's 2.71M for SE at width 0.7 needs hidden = round(C / 16) (``attn_hidden_rounding=
   "round"``); C // 16 gives 2.70M. At width 1.0 all widths are multiples of 16 and the two agree.
 

@@ -104,14 +104,17 @@ TABLE4: tuple[PaperRow, ...] = tuple(
           profile_kwargs=_V1)
 )
 
-_A07, _A10 = {"width_mult": 0.7}, {"width_mult": 1.0}
-TABLE5: tuple[PaperRow, ...] = (
-    PaperRow(5, "MobileNet alpha=0.7", "mobilenet_v1", None, 2.30, 0.283, 34.86, 13.69, _A07),
-    PaperRow(5, "MobileNet alpha=0.7 + SE", "mobilenet_v1", "se", 2.71, 0.283, 32.50, 12.49, _A07),
-    PaperRow(5, "MobileNet alpha=0.7 + CBAM", "mobilenet_v1", "cbam", 2.71, 0.289, 31.51, 11.48, _A07),
-    PaperRow(5, "MobileNet alpha=1.0", "mobilenet_v1", None, 4.23, 0.569, 31.39, 11.51, _A10),
-    PaperRow(5, "MobileNet alpha=1.0 + SE", "mobilenet_v1", "se", 5.07, 0.570, 29.97, 10.63, _A10),
-    PaperRow(5, "MobileNet alpha=1.0 + CBAM", "mobilenet_v1", "cbam", 5.07, 0.576, 29.01, 9.99, _A10),
+TABLE5: tuple[PaperRow, ...] = tuple(
+    PaperRow(5, f"MobileNet alpha={alpha}{suffix}", "mobilenet_v1", attention, params, gflops, top1, top5,
+             kwargs={"width_mult": alpha})
+    for alpha, attention, suffix, params, gflops, top1, top5 in (
+        (0.7, None, "", 2.30, 0.283, 34.86, 13.69),
+        (0.7, "se", " + SE", 2.71, 0.283, 32.50, 12.49),
+        (0.7, "cbam", " + CBAM", 2.71, 0.289, 31.51, 11.48),
+        (1.0, None, "", 4.23, 0.569, 31.39, 11.51),
+        (1.0, "se", " + SE", 5.07, 0.570, 29.97, 10.63),
+        (1.0, "cbam", " + CBAM", 5.07, 0.576, 29.01, 9.99),
+    )
 )
 # fmt: on
 

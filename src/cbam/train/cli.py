@@ -154,15 +154,11 @@ def run_eval(args: argparse.Namespace) -> int:
     model.to(info.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    from torch.utils.data import DataLoader
-
+    from .data import build_loader
     from .engine import default_workers
-    from .sampler import ResumableSampler, SeededSamples
 
-    batch = cfg.batch_size
-    sampler = ResumableSampler(len(val_set), global_batch=batch, shuffle=False, drop_last=False)
     workers = default_workers(cfg.dataset) if cfg.workers is None else cfg.workers
-    loader = DataLoader(SeededSamples(val_set, cfg.seed), batch_size=batch, sampler=sampler, num_workers=workers)
+    loader = build_loader(val_set, batch_size=cfg.batch_size, train=False, workers=workers, seed=cfg.seed)
     result = {"checkpoint": str(path), "model": cfg.model, "attention": cfg.attention, "dataset": cfg.dataset,
               **evaluate(model, loader, cfg, info)}
     out = Path(args.output) if args.output else path.parent / f"eval_{cfg.dataset}.json"

@@ -17,7 +17,6 @@ import logging
 import math
 import multiprocessing
 import os
-import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
@@ -303,7 +301,7 @@ class SyntheticShapes(Dataset):
 
     Sample ``i`` of a split is generated from ``(seed, split, i)`` alone (its own ``numpy`` generator), so it
     is the same in any worker, process or order and for any dataset length. The label is ``i % num_classes``
-    (balanced). All images are generated in ``__init__`` (about half a millisecond each) and kept as uint8.
+    (balanced). All images are generated in ``__init__`` (under a millisecond each) and kept as uint8.
 
     ``boxes`` is an (N, 4) float tensor of the object's tight box ``(x0, y0, x1, y1)`` in pixels (x1, y1
     exclusive) of the un-augmented image; ``object_mask(i)`` regenerates the object's pixel mask.
@@ -383,7 +381,9 @@ class BadImageError(UsageError):
     """
 
     def __init__(self, message: str) -> None:
-        self.worker_traceback = None
+        self.path: str | None = None
+        self.reason: str | None = None
+        self.worker_traceback: str | None = None
         if "\nOriginal Traceback" in message:
             self.worker_traceback = message
             last = [line for line in message.splitlines() if line.strip()][-1]
@@ -396,19 +396,25 @@ def _load_image(path: str) -> Image.Image:
     try:
         return pil_loader(path)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadImageError(
+        if isinstance(exc, UnidentifiedImageError):  # its message repeats the path inside a file repr
+            reason = "not in an image format PIL can decode"
+        else:
+            reason = _first_line(exc)
+        err = BadImageError(
             f"imagefolder: cannot read image {path} ({reason}); fix or delete it, or skip bad images "
             "(--bad-images skip)"
-        ) from exc
+        )
+        err.path, err.reason = path, reason
+        raise err from exc
 
 
 class ImageFolderWithBadImages(datasets.ImageFolder):
     """``ImageFolder`` that stops on an unreadable image with a clear error, or skips it and remembers it.
 
     With ``bad_images="skip"`` an unreadable file is replaced by the next readable sample and its path added
-    to ``skipped``, so the training loop can report it. Workers send the paths to the main process through
-    a queue, so ``skipped`` is complete also with ``workers > 0`` (after the batches that met the file).
+    to ``skipped``, so the training loop can report it. DataLoader workers send the paths to the main process
+    through a one-way pipe (no locks, so any start method works, and a worker never blocks on it), so
+    ``skipped`` is complete also with ``workers > 0``, once the batches that met the file have arrived.
     """
 
     def __init__(
@@ -420,7 +426,10 @@ class ImageFolderWithBadImages(datasets.ImageFolder):
         self.bad_images = bad_images
         self._skipped: list[str] = []
         self._main_pid = os.getpid()
-        self._queue = multiprocessing.get_context().Queue() if bad_images == "skip" else None
+        self._reader, self._writer = (
+            multiprocessing.Pipe(duplex=False) if bad_images == "skip" else (None, None)
+        )
+        self._writer_nonblocking = False
 
     @property
     def skipped(self) -> list[str]:
@@ -429,23 +438,30 @@ class ImageFolderWithBadImages(datasets.ImageFolder):
         return list(self._skipped)
 
     def _drain(self) -> None:
-        if self._queue is None or os.getpid() != self._main_pid:
+        if self._reader is None or os.getpid() != self._main_pid:
             return
-        while True:
-            try:
-                path = self._queue.get_nowait()
-            except queue.Empty:
-                return
+        while self._reader.poll():
+            path = self._reader.recv_bytes().decode("utf-8", "surrogateescape")
             if path not in self._skipped:
                 self._skipped.append(path)
 
     def _record_skip(self, path: str, error: Exception) -> None:
         if path in self._skipped:
             return
-        logger.warning("skipping unreadable image: %s", error)
+        logger.warning("skipping unreadable image %s (%s)", path, getattr(error, "reason", error))
         self._skipped.append(path)
-        if os.getpid() != self._main_pid and self._queue is not None:
-            self._queue.put(path)
+        data = path.encode("utf-8", "surrogateescape")
+        # Writes up to PIPE_BUF (4096) bytes are atomic, so workers never interleave; a full pipe drops the
+        # message instead of stalling training (the path is still logged above).
+        if os.getpid() == self._main_pid or self._writer is None or len(data) > 4000:
+            return
+        try:
+            if not self._writer_nonblocking:
+                os.set_blocking(self._writer.fileno(), False)
+                self._writer_nonblocking = True
+            self._writer.send_bytes(data)
+        except OSError:  # BlockingIOError when full; a closed pipe when the main process is gone
+            pass
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         n = len(self.samples)
@@ -460,15 +476,15 @@ class ImageFolderWithBadImages(datasets.ImageFolder):
         raise UsageError(f"imagefolder: none of the {n} images under {self.root} can be read")
 
     def __getstate__(self) -> dict[str, Any]:
-        # A multiprocessing queue can only travel to a process being started (a DataLoader worker under the
-        # spawn method); anywhere else (deepcopy, torch.save) the copy simply keeps its own list.
+        # The pipe travels only to a process being started (a DataLoader worker under spawn/forkserver).
+        # Anywhere else (deepcopy, torch.save) a copy sharing the descriptors would close them for both, so
+        # the copy keeps the skipped list so far and stops collecting from workers.
         from multiprocessing.context import get_spawning_popen
 
         state = self.__dict__.copy()
         if get_spawning_popen() is None:
             self._drain()
-            state["_skipped"] = list(self._skipped)
-            state["_queue"] = None
+            state.update(_skipped=list(self._skipped), _reader=None, _writer=None)
         return state
 
 
@@ -570,7 +586,12 @@ def _load_torchvision(name: str, root: Path, train: bool, transform, download: b
         missing = [f for f, _ in spec.files() if not (folder / f).is_file()]
         if missing:
             how = f"the download failed ({_first_line(exc)})" if download else "pass --download to fetch it"
-            raise UsageError(f"{expected}; missing {', '.join(missing)}; {how}") from exc
+            what = (
+                "none of them is there"
+                if len(missing) == len(spec.files())
+                else f"missing {', '.join(missing)}"
+            )
+            raise UsageError(f"{expected}; {what}; {how}") from exc
         corrupt = [
             f for f, md5 in spec.files() if md5 is not None and not check_integrity(str(folder / f), md5)
         ]
@@ -601,7 +622,10 @@ def _data_root(name: str, data_dir: str | Path | None, download: bool, layout: s
         raise UsageError(f"{name}: data directory {root} is a file, expected a directory holding {layout}")
     if not root.exists():
         if not download:
-            raise UsageError(f"{name}: data directory {root} does not exist; expected it to hold {layout}")
+            hint = "" if name == "imagefolder" else "; pass --download to fetch it"
+            raise UsageError(
+                f"{name}: data directory {root} does not exist; expected it to hold {layout}{hint}"
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -716,76 +740,51 @@ def build_loader(
     batch_size: int,
     train: bool,
     workers: int = 0,
-    distributed: bool = False,
     seed: int = 0,
-    drop_last: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    accum_steps: int = 1,
     pin_memory: bool | None = None,
-    num_replicas: int | None = None,
-    rank: int | None = None,
     prefetch_factor: int = 2,
 ) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed`` (and the epoch the caller sets on the sampler).
+    """A loader whose order and augmentation depend only on (seed, epoch, index): resumable to the sample.
 
-    Training shuffles with a seeded ``RandomSampler`` (each epoch draws a new order from the same generator);
-    validation is sequential. With ``distributed`` a ``DistributedSampler`` shards the data (the caller calls
-    ``loader.sampler.set_epoch``); ``num_replicas``/``rank`` default to the process group's, and may be given
-    explicitly to use it without one. ``drop_last`` defaults to ``train``; ``pin_memory`` to CUDA being there.
+    ``batch_size`` is the global batch over ``world_size`` processes; each process loads its
+    ``batch_size / (world_size * accum_steps)`` micro-batches (see ``ResumableSampler``). Training shuffles per
+    epoch and drops a last partial batch; validation is sequential and complete. The caller selects the epoch
+    with ``loader.sampler.set_epoch(epoch, start_batch)``.
     """
+    from .sampler import ResumableSampler, SeededSamples
+
     _check_int("batch size", batch_size, minimum=1)
     _check_int("number of data workers", workers, minimum=0)
     _check_int("loader seed", seed, minimum=0)
+    _check_int("gradient accumulation steps", accum_steps, minimum=1)
     if workers > 0:
         _check_int("prefetch factor", prefetch_factor, minimum=1)
     n = len(dataset)  # type: ignore[arg-type]
     split = "training" if train else "validation"
     if n == 0:
         raise UsageError(f"the {split} dataset is empty")
-    drop_last = bool(train) if drop_last is None else bool(drop_last)
-    pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-
-    if distributed:
-        if num_replicas is None or rank is None:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise UsageError(
-                    "distributed loading needs an initialised process group (launch with torchrun) "
-                    "or explicit num_replicas and rank"
-                )
-            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
-            rank = dist.get_rank() if rank is None else rank
-        _check_int("num_replicas", num_replicas, minimum=1)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise UsageError(f"rank must be an integer in 0..{num_replicas - 1}, got {rank!r}")
-        sampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=bool(train), seed=seed, drop_last=drop_last
-        )
-        per_process = len(sampler)
-    else:
-        if num_replicas is not None or rank is not None:
-            raise UsageError("num_replicas and rank only apply to distributed loading (distributed=True)")
-        if train:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        else:
-            sampler = SequentialSampler(dataset)
-        per_process = n
-
-    if drop_last and batch_size > per_process:
-        where = f" per process ({n} over {num_replicas} processes)" if distributed else ""
+    if train and batch_size > n:
         raise UsageError(
-            f"batch size {batch_size} is larger than the {per_process} {split} images{where}; "
+            f"batch size {batch_size} is larger than the {n} {split} images; "
             "lower the batch size (a last partial batch is dropped, so no batch would be left)"
         )
-
-    # Seeds the workers' torch/random/numpy state (and so the augmentation), distinct per rank.
-    worker_seed = torch.Generator().manual_seed(seed * 1_009 + (rank or 0) + 1)
-    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor} if workers > 0 else {}
+    if batch_size % (world_size * accum_steps):
+        raise UsageError(
+            f"batch size {batch_size} must divide evenly over {world_size} process(es) x "
+            f"{accum_steps} accumulation step(s)"
+        )
+    sampler = ResumableSampler(
+        n, global_batch=batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=train
+    )
+    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if workers > 0 else {}
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
+        SeededSamples(dataset, seed),
+        batch_size=batch_size // (world_size * accum_steps),
         sampler=sampler,
         num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        persistent_workers=workers > 0,
-        generator=worker_seed,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
         **extra,
     )

@@ -32,8 +32,7 @@ from ..models.complexity import count_macs, count_params
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import TrainConfig, to_yaml
-from .data import build_datasets
-from .sampler import ResumableSampler, SeededSamples
+from .data import build_datasets, build_loader
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "curves.png", "checkpoints")
 
@@ -210,17 +209,9 @@ def _sync_buffers(model: nn.Module, info: D.DistInfo) -> None:
             torch.distributed.broadcast(buf, src=0)
 
 
-def make_loader(dataset, sampler: ResumableSampler, micro_batch: int, workers: int, device: torch.device,
-                seed: int) -> DataLoader:
-    return DataLoader(
-        SeededSamples(dataset, seed),
-        batch_size=micro_batch,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+def eval_batch(global_batch: int, world_size: int) -> int:
+    """Validation batch: the training batch rounded down to a multiple of the process count."""
+    return max(world_size, global_batch - global_batch % world_size)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -245,13 +236,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
         synthetic_seed=cfg.synthetic_seed, synthetic_classes=cfg.synthetic_classes, bad_images=cfg.bad_images,
     )
     global_batch = cfg.batch_size
-    if global_batch > len(train_set):
-        raise UsageError(f"batch size {global_batch} is larger than the {len(train_set)} training images")
-    if global_batch % (info.world_size * cfg.accum_steps):
-        raise UsageError(f"batch size {global_batch} must divide evenly over {info.world_size} process(es) x "
-                         f"{cfg.accum_steps} accumulation step(s)")
-    micro = global_batch // (info.world_size * cfg.accum_steps)
     workers = default_workers(cfg.dataset) if cfg.workers is None else cfg.workers
+    ranks = {"rank": info.rank, "world_size": info.world_size}
+    train_loader = build_loader(train_set, batch_size=global_batch, train=True, workers=workers, seed=cfg.seed,
+                                accum_steps=cfg.accum_steps, **ranks)
+    val_loader = build_loader(val_set, batch_size=eval_batch(global_batch, info.world_size), train=False,
+                              workers=workers, seed=cfg.seed, **ranks)
+    train_sampler = train_loader.sampler
 
     model = build_model(cfg, data.num_classes, data.in_chans)
     params = count_params(model)
@@ -265,15 +256,6 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
     scheduler = make_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
 
-    train_sampler = ResumableSampler(len(train_set), global_batch=global_batch, shuffle=True, seed=cfg.seed,
-                                     rank=info.rank, world_size=info.world_size, drop_last=True)
-    eval_batch = max(micro, 1) * info.world_size
-    val_sampler = ResumableSampler(len(val_set), global_batch=eval_batch, shuffle=False, rank=info.rank,
-                                   world_size=info.world_size, drop_last=False)
-    train_loader = make_loader(train_set, train_sampler, micro, workers, info.device, cfg.seed)
-    val_loader = DataLoader(SeededSamples(val_set, cfg.seed), batch_size=max(micro, 1), sampler=val_sampler,
-                            num_workers=workers, pin_memory=info.device.type == "cuda")
-    val_sampler.set_epoch(0)
 
     # resume
     start_epoch, start_batch, global_step, best = 0, 0, 0, None

@@ -1,0 +1,27 @@
+"""The README's Python example runs as written, and its commands name real subcommands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_quickstart_example_runs():
+    block = python_blocks()[0]
+    assert len(block.strip().splitlines()) <= 12
+    exec(compile(block, "README quickstart", "exec"), {})
+
+
+def test_networks_example_runs():
+    exec(compile(python_blocks()[1], "README networks", "exec"), {})
+
+
+def test_first_screen_has_the_two_commands():
+    head = README.read_text().split("##")[0]
+    assert "make demo" in head and "make test" in head
