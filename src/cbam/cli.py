@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # the launcher (--nproc-per-node) re-runs the same command under torchrun
     module, run = args._run
     try:
         return int(getattr(importlib.import_module(module), run)(args) or 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import struct
 from pathlib import Path
 from urllib.error import URLError
 
@@ -154,27 +153,9 @@ def test_synthetic_bad_arguments(kwargs, words):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _write_idx_images(path: Path, images: np.ndarray) -> None:
-    n, h, w = images.shape
-    path.write_bytes(struct.pack(">IIII", 0x0803, n, h, w) + images.astype(np.uint8).tobytes())
-
-
-def _write_idx_labels(path: Path, labels: np.ndarray) -> None:
-    path.write_bytes(struct.pack(">II", 0x0801, len(labels)) + labels.astype(np.uint8).tobytes())
-
-
-def _fake_mnist(root: Path, folder: str, n_train: int = 12, n_test: int = 6) -> None:
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _write_idx_images(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-
-
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
-def test_mnist_like_from_raw_files(tmp_path, name, folder):
-    _fake_mnist(tmp_path, folder)
+def test_mnist_like_from_raw_files(tmp_path, name, folder, fake_mnist):
+    fake_mnist(tmp_path, folder)
     train, val, info = build_datasets(name, tmp_path)
     assert (info.num_classes, info.in_chans, info.image_size) == (10, 1, 28) and len(info.mean) == 1
     assert len(train) == 12 and len(val) == 6
@@ -184,8 +165,8 @@ def test_mnist_like_from_raw_files(tmp_path, name, folder):
     assert xv.shape == (6, 1, 28, 28) and yv.tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_mnist_resized(tmp_path):
-    _fake_mnist(tmp_path, "MNIST")
+def test_mnist_resized(tmp_path, fake_mnist):
+    fake_mnist(tmp_path, "MNIST")
     train, val, info = build_datasets("mnist", tmp_path, image_size=32)
     assert info.image_size == 32 and train[0][0].shape == (1, 32, 32) and val[0][0].shape == (1, 32, 32)
 
@@ -197,14 +178,14 @@ def test_mnist_missing_files_name_the_expected_path(tmp_path):
     assert f"expected {tmp_path / 'MNIST' / 'raw'}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte" in msg
     assert "--download" in msg
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
-    _write_idx_labels(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.arange(3))
+    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x00")
     with pytest.raises(UsageError, match="missing train-images-idx3-ubyte, t10k-images"):
         build_datasets("mnist", tmp_path)
     assert "\n" not in msg
 
 
-def test_mnist_unreadable_file(tmp_path):
-    _fake_mnist(tmp_path, "MNIST")
+def test_mnist_unreadable_file(tmp_path, fake_mnist):
+    fake_mnist(tmp_path, "MNIST")
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08")
     with pytest.raises(UsageError, match="cannot be read"):
         build_datasets("mnist", tmp_path)

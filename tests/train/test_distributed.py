@@ -25,10 +25,11 @@ ARGS = [
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cbam",
-           *ARGS, "--output", str(two)]
+    # ``cbam train --nproc-per-node 2`` runs ``torchrun --nproc-per-node 2 -m cbam train ...`` for the user
+    cmd = [sys.executable, "-m", "cbam", *ARGS, "--nproc-per-node", "2", "--output", str(two)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.distributed.run" in done.stdout
     one = tmp_path / "one"
     assert main([*ARGS, "--accum-steps", "2", "--output", str(one)]) == 0
 

@@ -221,3 +221,75 @@ def test_amp_channels_last_and_compile_together(tmp_path):
     summary = train(tiny_config(out, epochs=1, amp="bf16", channels_last=True, compile=True,
                                 synthetic_train_size=32, synthetic_val_size=16))
     assert summary["final_top1_err"] is not None
+
+
+def test_grey_scale_data_runs_through_in_chans(tmp_path, fake_mnist):
+    fake_mnist(tmp_path / "data", "MNIST", n_train=32, n_test=8)
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--model", "cifar_resnet20",
+            "--attention", "cbam", "--batch-size", "16", "--epochs", "1", "--no-progress", "--workers", "0",
+            "--output", str(out)]
+    assert main(argv) == 0
+    assert weights(out)["conv1.weight"].shape[1] == 1  # a one-channel stem, no replication
+
+
+def test_recipes_are_valid_and_start_with_their_command():
+    from cbam.train.config import RECIPES, load_yaml, recipe_path
+
+    for name in RECIPES:
+        first = recipe_path(name).read_text().splitlines()[0]
+        assert first.startswith(f"# cbam train --config {name}"), first
+        assert load_yaml(name)
+    cfg = load_yaml("imagenet")
+    assert (cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg["batch_size"], cfg["epochs"], cfg["step_size"],
+            cfg["gamma"]) == (0.1, 0.9, 1e-4, 256, 90, 30, 0.1)
+
+
+def test_yaml_config_and_flags_agree_and_flags_win(tmp_path):
+    from cbam.train.config import resolve
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: resnet18_cifar\nattention: cbam\nreduction: 8\nepochs: 7\nlr: 1\n")
+    cfg = resolve({"config": str(path), "epochs": 2})
+    assert (cfg.model, cfg.attention, cfg.reduction, cfg.epochs, cfg.lr) == ("resnet18_cifar", "cbam", 8, 2, 1.0)
+    path.write_text("epochs: seven\n")
+    with pytest.raises(ValueError, match="epochs expects int"):
+        resolve({"config": str(path)})
+    path.write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match="unknown key 'epoch'"):
+        resolve({"config": str(path)})
+
+
+def test_demo_and_ablate_print_tables(tmp_path, capsys):
+    small = ["--dataset", "synthetic", "--batch-size", "16", "--no-progress", "--workers", "0"]
+    sizes = ["--config", str(tmp_path / "tiny.yaml")]
+    (tmp_path / "tiny.yaml").write_text("model: cifar_resnet20\ndataset: synthetic\nimage_size: 32\n"
+                                        "synthetic_train_size: 32\nsynthetic_val_size: 16\nepochs: 1\n"
+                                        "lr: 0.05\nschedule: cosine\ntensorboard: false\n")
+    assert main(["demo", *sizes, *small, "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "cifar_resnet20 + CBAM" in out and "images/s" in out and "GMACs" in out
+    assert (tmp_path / "demo" / "plain" / "summary.json").exists() and (tmp_path / "demo" / "results.md").exists()
+
+    assert main(["ablate", *sizes, *small, "--budget", "1", "--tables", "3", "--seeds", "0,1",
+                 "--output", str(tmp_path / "ablate")]) == 0
+    out = capsys.readouterr().out
+    assert "Table 3" in out and "spatial + channel" in out and "±" in out
+    rows = json.loads((tmp_path / "ablate" / "results.json").read_text())
+    assert {r["variant"] for r in rows} == {"se", "cbam", "spatial_first", "parallel"}
+    assert all(r["seeds"] == 2 for r in rows)
+
+
+def test_every_ablation_variant_builds():
+    from cbam.train.compare import TABLES, VARIANTS
+    from cbam.train.engine import build_model
+
+    assert {k for _, keys in TABLES.values() for k in keys} == set(VARIANTS)
+    for key, (_, overrides) in VARIANTS.items():
+        model = build_model(dataclasses.replace(TrainConfig(), **overrides), 10, 3)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10), key
+
+
+def test_ablate_bad_budget(capsys):
+    assert main(["ablate", "--budget", "0"]) == 2
+    assert "--budget" in capsys.readouterr().err

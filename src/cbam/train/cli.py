@@ -61,13 +61,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command",)}
     nproc = values.pop("nproc_per_node", None)
-    if nproc is not None:
-        if nproc < 1:
-            raise UsageError(f"--nproc-per-node must be at least 1, got {nproc}")
-        argv = _strip_flag(sys.argv[1:], "--nproc-per-node")
-        return D.launch_torchrun(nproc, argv)
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc}")
     cfg = resolve(values)
-    from .engine import Diverged, Interrupted, train
+    from .engine import Diverged, Interrupted, check_output, train
+
+    if nproc is not None:
+        check_output(cfg)  # refuse bad input here, in one line, rather than in every child process
+        from ..models import list_models
+
+        if cfg.model not in list_models():
+            raise UsageError(f"unknown model {cfg.model!r}; see cbam profile --list")
+        return D.launch_torchrun(nproc, _strip_flag(args._argv, "--nproc-per-node"))
 
     try:
         summary = train(cfg)

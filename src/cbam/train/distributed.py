@@ -52,6 +52,11 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a small float64 tensor over ranks (identity on one process)."""
     if info.distributed:

@@ -101,9 +101,11 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_epochs])
 
 
-def prepare_output(cfg: TrainConfig, info: D.DistInfo) -> Path:
+def check_output(cfg: TrainConfig) -> list[str]:
     """Refuse to mix two runs in one folder unless --resume or --overwrite says what to do."""
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume:
         if not (out / "checkpoints" / "last.pt").exists():
@@ -111,14 +113,21 @@ def prepare_output(cfg: TrainConfig, info: D.DistInfo) -> Path:
     elif existing and not cfg.overwrite:
         raise UsageError(f"output folder {out} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it or --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
+    return existing
+
+
+def prepare_output(cfg: TrainConfig, info: D.DistInfo) -> Path:
+    """Check the output folder on every rank, then let rank 0 clear (--overwrite) and create it."""
+    out = Path(cfg.output)
+    existing = check_output(cfg)
+    D.barrier(info)  # every rank has looked before rank 0 changes anything
     if info.is_main:
         if cfg.overwrite and not cfg.resume:
             for name in existing:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    D.barrier(info)
     return out
 
 
