@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -24,7 +25,11 @@ COMMANDS = {
              "train a plain and a CBAM network on synthetic data and compare them"),
     "ablate": ("cbam.train.compare", "add_ablate_arguments", "run_ablate",
                "the paper's ablations (Tables 1-3) plus plain and SE, in the paper's form"),
+    "bench": ("cbam.bench.cli", "add_arguments", "run",
+              "time and memory of CBAM next to plain, SE and timm, as ratios measured side by side"),
 }
+# Subcommands whose CPU work runs with the tuned glibc allocator unless CBAM_MALLOC says otherwise.
+TUNED_MALLOC_COMMANDS = ("train", "demo", "ablate")
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,8 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reexec_with_tuned_malloc(argv: list[str]) -> None:
+    """Restart this process with glibc keeping freed large blocks (see README, "The CPU allocator").
+
+    glibc reads MALLOC_* only at start-up, so the setting cannot be made from inside Python. Skipped when
+    CBAM_MALLOC is set (``CBAM_MALLOC=default`` is the way out), when the variables are already there, and
+    off Linux.
+    """
+    from .bench.runner import TUNED_ENV
+
+    already = os.environ.get("CBAM_MALLOC") or any(k in os.environ for k in TUNED_ENV)
+    if already or not sys.platform.startswith("linux"):
+        return
+    env = {**os.environ, **TUNED_ENV, "CBAM_MALLOC": "tuned"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "cbam", *argv], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_shell and argv and argv[0] in TUNED_MALLOC_COMMANDS:
+        _reexec_with_tuned_malloc(argv)
     args = build_parser().parse_args(argv)
     args._argv = argv  # the launcher (--nproc-per-node) re-runs the same command under torchrun
     module, run = args._run

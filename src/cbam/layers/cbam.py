@@ -36,6 +36,7 @@ from torch import nn
 from ._checks import check_choice, check_feature_map, check_odd_kernel, check_positive_int, make_act, make_gate
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
+IMPLEMENTATIONS = ("fused", "reference")
 ARRANGEMENTS = ("channel_first", "spatial_first", "parallel")
 SPATIAL_COMPRESSIONS = ("pool", "conv")
 
@@ -216,6 +217,13 @@ class CBAM(nn.Module):
             the same input, applied as one sigmoid of the summed logits).
         spatial_norm, spatial_bias, mlp_bias, bn_momentum: the details the implementations disagree on.
         act_layer: hidden activation of the MLP; gate: ``"sigmoid"`` (paper), ``"hard_sigmoid"`` or a class.
+        implementation: ``"fused"`` (default: one custom autograd function that reads the input about three
+            times and keeps only the input for backward, see ``cbam_fused.py``) or ``"reference"`` (the
+            readable composition of the gates). Configurations the fused path cannot serve (lp / lse pools,
+            conv compression, other arrangements, activations or gates) use the reference path; the module's
+            ``implementation`` and ``fallback_reason`` attributes and its repr say so.
+        memory_efficient: inside the package's networks, recompute the block's last BatchNorm and this module
+            in the backward pass instead of keeping their outputs (see ``memory.py``).
     """
 
     def __init__(
@@ -236,10 +244,14 @@ class CBAM(nn.Module):
         bn_momentum: float | None = None,
         act_layer: str | type[nn.Module] = "relu",
         gate: str | type[nn.Module] = "sigmoid",
+        implementation: str = "fused",
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         p = PRESETS[check_choice(name, "preset", preset, tuple(PRESETS))]
+        self.requested_implementation = check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
+        self.memory_efficient = bool(memory_efficient)
         self.preset = preset
         self.channels = check_positive_int(name, "channels", channels)
         self.arrangement = check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
@@ -271,6 +283,11 @@ class CBAM(nn.Module):
         )
         self.gate = make_gate(name, gate)
         self.reset_parameters(p.init)
+        from .cbam_fused import fused_supported
+
+        #: why the fused path cannot serve this configuration (None: it does); see ``implementation``
+        self.fallback_reason = fused_supported(self) if implementation == "fused" else None
+        self.implementation = "fused" if implementation == "fused" and self.fallback_reason is None else "reference"
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "release") -> None:
@@ -300,6 +317,14 @@ class CBAM(nn.Module):
                 nn.init.zeros_(norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.implementation == "fused":
+            from .cbam_fused import cbam_fused
+
+            return cbam_fused(self, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The readable path, composed of the two gates; the fused path is tested against it."""
         check_feature_map(type(self).__name__, x, self.channels)
         if self.spatial is None:
             return x * self.channel.gate(self.channel.logits(x))
@@ -312,4 +337,8 @@ class CBAM(nn.Module):
         return x * self.gate(self.channel.logits(x) + self.spatial.logits(x))
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, preset={self.preset!r}, arrangement={self.arrangement!r}"
+        text = f"{self.channels}, preset={self.preset!r}, arrangement={self.arrangement!r}, "
+        text += f"implementation={self.implementation!r}"
+        if self.fallback_reason:
+            text += f" (fused path unavailable: {self.fallback_reason})"
+        return text + (", memory_efficient=True" if self.memory_efficient else "")

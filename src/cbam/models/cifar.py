@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.memory import norm_then_attention
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -67,7 +68,7 @@ class CifarBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attn(self.bn2(self.conv2(out)))
+        out = norm_then_attention(self.bn2, self.attn, self.conv2(out))
         return self.relu(out + self.shortcut(x))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.memory import norm_then_attention
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -67,7 +68,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attn(self.bn2(self.conv2(out)))
+        out = norm_then_attention(self.bn2, self.attn, self.conv2(out))
         # Out-of-place add: an attention module may have saved its output for backward.
         return self.relu(out + shortcut)
 
@@ -109,7 +110,7 @@ class Bottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.attn(self.bn3(self.conv3(out)))
+        out = norm_then_attention(self.bn3, self.attn, self.conv3(out))
         return self.relu(out + shortcut)
 
 

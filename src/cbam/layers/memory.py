@@ -1,0 +1,46 @@
+"""Memory-saving composition of a block's last BatchNorm with its attention module.
+
+In a plain ResNet block the last BN's output is not kept for backward (BN keeps its input; the residual add
+keeps nothing). Any attention module placed after it has to keep that output, one more activation per block.
+With ``memory_efficient=True`` on the attention module, ``attn(norm(x))`` runs under activation
+checkpointing: only ``x`` is kept (which the BN keeps anyway) and both BN and attention are recomputed in
+the backward pass, so the network saves what the plain network saves. The recomputation must not update
+BatchNorm running statistics a second time; ``_frozen_running_stats`` makes sure of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(*modules: nn.Module) -> Iterator[None]:
+    """BatchNorms inside ``modules`` normalise with batch statistics but leave their running ones alone."""
+    norms = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    try:
+        for m in norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``attn(norm(x))``, recomputed in backward instead of stored when ``attn.memory_efficient`` is set."""
+    if getattr(attn, "memory_efficient", False) and torch.is_grad_enabled() and x.requires_grad:
+        return checkpoint(
+            lambda t: attn(norm(t)),
+            x,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(norm, attn)),
+        )
+    return attn(norm(x))

@@ -1,0 +1,47 @@
+"""``cbam bench`` runs end to end on tiny cases and reports what it measured (correctness only, no timing)."""
+
+from __future__ import annotations
+
+import json
+
+import torch.nn.functional as F
+
+from cbam import create_model
+from cbam.bench.runner import saved_bytes
+from cbam.cli import main
+
+
+def test_bench_tiny_run_writes_json_and_ratio_tables(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--allocator", "current", "--shapes", "2x32x8x8", "--network", "cifar_resnet20",
+                 "--network-batch", "2", "--network-size", "32", "--no-compile", "--rounds", "5", "--min-seconds", "0",
+                 "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for key in ("machine", "torch", "device", "threads", "allocator", "cases", "memory"):
+        assert key in result
+    names = set(result["cases"])
+    for variant in ("cbam-reference", "cbam-fused", "se"):
+        assert f"module/2x32x8x8/float32/fwd/{variant}" in names
+        assert f"module/2x32x8x8/float32/fwd+bwd/{variant}" in names
+    assert "module/2x32x8x8/float32/copy" in names
+    for variant in ("plain", "se", "cbam-reference", "cbam-fused", "cbam-fused-memory-efficient"):
+        assert f"network/cifar_resnet20/train-step/{variant}" in names
+        assert result["memory"][variant]["saved_bytes"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "x copy" in md and "x plain" in md and "saved for backward" in md
+    assert "allocator" in capsys.readouterr().out
+
+
+def test_saved_bytes_counts_each_storage_once():
+    model = create_model("cifar_resnet20", num_classes=10)
+    import torch
+
+    x = torch.randn(2, 3, 32, 32)
+    once = saved_bytes(lambda: F.cross_entropy(model(x), torch.tensor([1, 2])).backward())
+    assert 0 < once < 50e6
+
+
+def test_bench_bad_input(capsys):
+    assert main(["bench", "--allocator", "current", "--dtypes", "fp8"]) == 2
+    assert "--dtypes" in capsys.readouterr().err
