@@ -70,3 +70,17 @@ def test_bad_input(capsys, argv, words):
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_counted_macs_do_not_depend_on_the_implementation():
+    import torch
+
+    from cbam import create_model
+    from cbam.models.complexity import count_macs
+
+    with torch.device("meta"):
+        fused = create_model("resnet18", attention="cbam")
+        reference = create_model("resnet18", attention="cbam", implementation="reference")
+    assert fused.layer1[0].attn.implementation == "fused"
+    assert count_macs(fused) == count_macs(reference) == 1_815_063_764
+    assert fused.layer1[0].attn.implementation == "fused"  # restored after counting

@@ -2,32 +2,35 @@
 
 It computes what the reference forward computes (``F' = sigmoid(Mc(F)) * F``, ``F'' = sigmoid(Ms(F')) * F'``) in
 one custom :class:`torch.autograd.Function`, without materialising the channel-refined map ``F'`` and without
-keeping any full-size intermediate for backward:
+keeping any full-size intermediate for backward. Entry points: :func:`fused_supported` (None, or why a configuration
+needs the reference path) and :func:`cbam_fused` (the computation, for a CBAM module and an input).
 
-* forward reads ``x`` three times at most and writes the output once: the channel pools (avg, max over H x W), the
-  tiny MLP giving the channel gate ``gc`` (N, C), the spatial pools of ``y = x * gc`` over C (sum and max, computed
-  block by block so that the product never leaves the cache), the k x k convolution (+ BatchNorm) giving the spatial
-  gate ``gs`` (N, 1, H, W), and ``out = x * gc * gs``. In eager mode the samples are processed in groups that stay
-  in the last-level cache, so the channel pools and the spatial pools of a group share one read from memory; with
-  no batch statistics to wait for (eval mode, or no spatial BatchNorm) the output of a group is written in the same
-  sweep and forward reads ``x`` once;
-* backward saves only ``x`` and tensors of size N x C or N x H x W (gates, pooled vectors, MLP pre-activations,
-  argmax indices, the two spatial maps, BatchNorm statistics) and needs four or five passes over full-size tensors:
-  ``d_gs = sum_c dout * x * gc`` and ``d_gc = sum_hw dout * x * gs`` (one pass), ``sum_hw x * d_avg_s`` (one pass),
-  then ``dx`` in one write plus two sparse scatters for the max pools.
+* Forward reads ``x`` three times at most and writes the output once: the channel pools (avg, max over H x W), the
+  tiny MLP giving the channel gate ``gc`` (N, C), the spatial pools of ``y = x * gc`` over C (mean and max, block by
+  block, so the product never leaves the cache), the k x k convolution (+ BatchNorm) giving the spatial gate ``gs``
+  (N, H x W), and ``out = (x * gc) * gs``. In eager mode samples are processed in groups that stay in the
+  last-level cache, so the channel pools and the spatial pools of a group share one read from memory; without batch
+  statistics to wait for (eval mode, or no spatial BatchNorm) a group's output is written in the same sweep.
+* Backward gets only ``x`` and tensors of N x C or N x H x W elements (gates, pooled vectors, MLP pre-activations,
+  first-max indices, the two spatial maps, BatchNorm statistics), and makes three passes over full-size tensors:
+  ``d_gs = sum_c dout * x * gc`` (with, in eager mode, ``sum_hw dout * x * gs`` from the same cached block),
+  ``d_gc = sum_hw x * (dout * gs + d_avg_map / C) + max terms``, and ``dx``, written once (the max pools' terms are
+  sparse: two small scatters in eager mode, compares inside the pass when compiled).
+* Parameters are inputs of the Function and get exact gradients; backward is analytic (no autograd inside), so
+  ``torch.compile(fullgraph=True)`` traces it. Eager mode uses aten kernels chosen for speed (vector x matrix
+  products for sums over C, channels-last max-pooling views for maxima with indices, forward convolutions for the
+  small convolution's backward); under torch.compile a plain formulation is traced, which Inductor fuses into one
+  kernel per pass (the first-max indices are found there by min-reductions inside passes that read ``x`` anyway).
+  The convolution and its backward are custom operators, opaque to Inductor.
 
-Eager mode uses aten kernels chosen for speed (batched matrix-vector products for the sums over C, channels-last
-max pooling views for the max reductions with indices); under ``torch.compile`` a plain formulation is traced
-instead, which Inductor fuses into one kernel per pass (there the argmax indices are found in backward, inside the
-reductions that read ``x`` anyway).
-
-Max pools and ties: the gradient of each max goes to one element, the first maximum in memory order of the pooled
-dimension (the index ``torch.argmax`` returns: smallest ``h * W + w`` for the channel pool, smallest ``c`` for the
-spatial pool). The reference's ``amax`` splits the gradient evenly among exactly tied elements instead, so the two
-differ only on inputs with exact ties (e.g. after a ReLU, many zeros). Forward values never differ.
+Max pools and ties: the gradient of each max goes to exactly one element, the first maximum in the order of the
+pooled dimension (the index ``torch.argmax`` returns: smallest ``h * W + w`` for the channel pool, smallest ``c`` for
+the spatial pool). The reference's ``amax`` splits the gradient evenly among exactly tied elements instead, so the
+two differ only on inputs with exact ties (e.g. many zeros after a ReLU); forward values never differ.
 
 Small parts (MLP, convolution, BatchNorm, gates) run in float32 for float16/bfloat16 inputs, in the input's dtype
-otherwise; autocast is disabled inside (the result is more accurate than the reference's autocast one).
+otherwise; autocast is disabled inside, so under autocast the result is that of the float32 computation (closer to
+it than the reference's bfloat16 one). Inputs with inf or nan give nan gradients where the reference may not.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ if TYPE_CHECKING:
 
 __all__ = ["cbam_fused", "fused_supported"]
 
-# Eager blocking. A group of samples whose slab fits in the last-level cache is pooled over H x W and then over C
-# while it is still cached; element-wise passes work on blocks small enough for the per-core cache.
-_GROUP_BYTES = 4 << 20
-_BLOCK_ELEMS = 1 << 17
+# Eager blocking (tuned on a 2-core AMD EPYC with 32 MiB of L3): a group of samples of up to _GROUP_BYTES is pooled
+# over H x W and then over C while it is still cached; the other passes work on blocks of about _BLOCK_ELEMS
+# elements (large enough that the per-op overhead of eager PyTorch stays small).
+_GROUP_BYTES = 16 << 20
+_BLOCK_ELEMS = 1 << 21
 
 
 class _Cfg(NamedTuple):
@@ -186,7 +190,9 @@ class _CBAMFunction(torch.autograd.Function):
     def backward(ctx, dout, _dmean, _dvar):  # type: ignore[override]
         x, w1, w2, wc, gamma, *saved = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            grads = _backward(dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, ctx.needs_input_grad, ctx.compiled)
+            grads = _backward(
+                dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, ctx.needs_input_grad, ctx.compiled
+            )
         return (*grads, None, None, None)
 
 
@@ -226,7 +232,7 @@ def _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, shape):
     """[avg; max] maps (N, HW) -> spatial gate gs (N, HW) and what its backward needs (all N x HW or smaller)."""
     n, h, w = shape
     maps = torch.stack([savg, smax], 1).view(n, 2, h, w)
-    z = F.conv2d(maps, wc, bc, padding=cfg.kernel // 2)
+    z = torch.ops.cbam_fused.spatial_conv(maps, wc, bc)
     mean = var = rstd = None
     if cfg.bn == "batch":
         mean = z.mean()
@@ -247,7 +253,7 @@ def _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, shape):
 
 
 def _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):
-    """d_gs (N, HW) -> d_maps (N, 2, HW), dW_conv, db_conv, d_gamma, d_beta."""
+    """d_gs (N, HW) -> gradients of the two maps (N, HW) each, dW_conv, db_conv, d_gamma, d_beta."""
     n, _, h, w = maps.shape
     d = (d_gs * gs * (1 - gs)).view(n, 1, h, w)
     d_gamma = d_beta = None
@@ -260,12 +266,48 @@ def _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias)
             d = (d - d.mean() - zhat * (d * zhat).mean()) * rstd
         else:
             d = d * rstd
-    k = cfg.kernel
-    d_maps, d_wc, d_bc = torch.ops.aten.convolution_backward(
-        d, maps, wc, [1] if has_conv_bias else None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
-        [True, True, has_conv_bias],
-    )  # fmt: skip
-    return d_maps.view(n, 2, h * w), d_wc, d_bc, d_gamma, d_beta
+    d_maps, d_wc = torch.ops.cbam_fused.spatial_conv_backward(d, maps, wc)
+    d_bc = d.sum().view(1) if has_conv_bias else None
+    return d_maps[:, 0].reshape(n, h * w), d_maps[:, 1].reshape(n, h * w), d_wc, d_bc, d_gamma, d_beta
+
+
+# The k x k convolution of the two maps, and its backward, as custom operators: opaque to torch.compile, they keep
+# Inductor's layout pass (which turns every 4-D tensor near an aten convolution channels-last, copying x and dout)
+# out of the graph. (NNPACK is faster for these maps in isolation, but its own thread pool slows the OpenMP kernels
+# around it on a 2-core machine.)
+@torch.library.custom_op("cbam_fused::spatial_conv", mutates_args=())
+def _spatial_conv(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """'same' k x k convolution of (N, 2, H, W) maps with a (1, 2, k, k) weight; a dense (N, 1, H, W) result."""
+    return F.conv2d(maps, weight, bias, padding=weight.shape[-1] // 2).contiguous()
+
+
+@_spatial_conv.register_fake
+def _(maps, weight, bias):
+    n, _, h, w = maps.shape
+    return maps.new_empty((n, weight.shape[0], h, w))
+
+
+@torch.library.custom_op("cbam_fused::spatial_conv_backward", mutates_args=())
+def _spatial_conv_backward(
+    d: torch.Tensor, maps: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of spatial_conv (without bias) for the output gradient d: d_maps (N, 2, H, W), d_weight.
+
+    The generic convolution backward is slow for these maps; both halves as forward convolutions: the input gradient
+    correlates d with the flipped kernel, the weight gradient correlates each (sample, map) plane with d, all planes
+    at once as a depthwise convolution with d as the kernels."""
+    n, _, h, w = maps.shape
+    k = weight.shape[-1]
+    pad = k // 2
+    d_maps = F.conv2d(d, weight.flip(2, 3).transpose(0, 1), padding=pad).contiguous()
+    kernels = d.expand(n, 2, h, w).reshape(2 * n, 1, h, w)
+    d_weight = F.conv2d(maps.reshape(1, 2 * n, h, w), kernels, padding=pad, groups=2 * n)
+    return d_maps, d_weight.view(n, 2, k, k).sum(0, keepdim=True)
+
+
+@_spatial_conv_backward.register_fake
+def _(d, maps, weight):
+    return torch.empty_like(maps, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
 def _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, need_backward):
@@ -280,9 +322,9 @@ def _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, need_back
     else:
         out, saved = _forward_eager(x, w1, b1, w2, b2, small, cfg, need_backward)
     gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd, mean, var = saved
-    empty = x.new_empty(0, dtype=cd)
-    mean = empty if mean is None else mean.detach()
-    var = empty if var is None else var.detach()
+    # two distinct tensors even when unused: one tensor returned twice from the Function confuses torch.compile
+    mean = x.new_empty(0, dtype=cd) if mean is None else mean.detach()
+    var = x.new_empty(0, dtype=cd) if var is None else var.detach()
     return out, mean, var, (gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd)
 
 
@@ -302,10 +344,7 @@ def _max_over_hw(xg4: torch.Tensor, cl: bool, need_idx: bool):
     rows = g * c
     view = xg4.as_strided((rows, w, h, 1), (h * w, 1, w, w))
     colmax, hidx = F.max_pool2d(view, (h, 1), return_indices=True)
-    colmax, hidx = colmax.reshape(rows, w), hidx.reshape(rows, w)
-    m = colmax.amax(1)
-    flat = hidx * w + torch.arange(w, device=xg4.device)
-    idx = torch.where(colmax == m[:, None], flat, h * w).amin(1).clamp_(max=h * w - 1)  # clamp: NaN rows
+    m, idx = _first_of_column_maxima(colmax.reshape(rows, w), hidx.reshape(rows, w), h * w)
     return m.view(g, c), idx.view(g, c)
 
 
@@ -318,36 +357,72 @@ def _max_over_c(t: torch.Tensor, cl: bool, need_idx: bool):
     if not cl:  # (G, P, C, 1) channels-last view: P vectorised, one pass
         m, idx = F.max_pool2d(t.as_strided((g, p, c, 1), (c * p, 1, p, p)), (c, 1), return_indices=True)
         return m.reshape(g, p), idx.reshape(g, p)
-    # C is the contiguous dimension: C = C1 x C2, max over C1 with C2 vectorised, then the first among C2.
+    # C is the contiguous dimension: c = c1 * C2 + c2. Max over c1 with c2 vectorised, then the first among C2.
     c2 = _inner_split(c)
-    c1 = c // c2
     rows = g * p
-    colmax, c1idx = F.max_pool2d(t.as_strided((rows, c2, c1, 1), (c, 1, c2, c2)), (c1, 1), return_indices=True)
-    colmax, c1idx = colmax.reshape(rows, c2), c1idx.reshape(rows, c2)
-    m = colmax.amax(1)
-    flat = c1idx * c2 + torch.arange(c2, device=t.device)
-    idx = torch.where(colmax == m[:, None], flat, c).amin(1).clamp_(max=c - 1)
+    colmax, c1idx = F.max_pool2d(
+        t.as_strided((rows, c2, c // c2, 1), (c, 1, c2, c2)), (c // c2, 1), return_indices=True
+    )
+    m, idx = _first_of_column_maxima(colmax.reshape(rows, c2), c1idx.reshape(rows, c2), c)
     return m.view(g, p), idx.view(g, p)
 
 
+def _first_of_column_maxima(colmax: torch.Tensor, outer: torch.Tensor, total: int):
+    """Second level of a two-level max: colmax (R, K) holds column maxima, outer (R, K) the first (outer) index
+    reaching each, so element (r, k) stands for flat index outer * K + k. Returns the row maxima and the smallest
+    flat index reaching them. Works on (K, R) copies: reductions over an outer dimension are vectorised."""
+    k = colmax.shape[1]
+    ct = colmax.t().contiguous()
+    m = ct.amax(0)
+    flat = (outer.t() * k + torch.arange(k, device=outer.device)[:, None]).to(torch.float32)  # exact below 2**24
+    first = torch.where(ct == m, flat, float(total)).amin(0)
+    return m, first.long().clamp_(max=total - 1)  # clamp: rows with a nan have no element equal to their max
+
+
 def _inner_split(c: int) -> int:
-    """A divisor of c near sqrt(c), preferring multiples of 8 (the vector width) for the vectorised level."""
+    """C2 for the two-level max over a contiguous C: a divisor of c, 8 (the float32 vector width) if possible."""
     divisors = [d for d in range(1, c + 1) if c % d == 0]
-    target = max(8.0, c**0.5)
-    return min(divisors, key=lambda d: (d % 8 != 0 and d < c, abs(d - target)))
+    return min(divisors, key=lambda d: (d % 8 != 0, abs(d - 8)))
 
 
-def _blocks(n: int, c: int, hw: int, budget: int):
-    """(g0, g1, p0, p1) blocks covering N x HW with about budget elements of N x C x HW each."""
+def _blocks(n: int, c: int, hw: int, budget: int, split: str):
+    """(g0, g1, c0, c1, p0, p1) blocks of about budget elements: whole samples while one fits, else one sample split
+    along C (split='c') or along H x W (split='p'). A block of x is contiguous in memory if the split follows the
+    memory order: 'c' for NCHW, 'p' for channels-last."""
     if c * hw <= budget:
-        g = max(1, budget // (c * hw))
-        for g0 in range(0, n, g):
-            yield g0, min(n, g0 + g), 0, hw
-    else:
-        p = max(1, budget // c)
+        step = max(1, budget // (c * hw))
+        for g0 in range(0, n, step):
+            yield g0, min(n, g0 + step), 0, c, 0, hw
+    elif split == "c":
+        step = max(1, budget // hw)
         for g0 in range(n):
-            for p0 in range(0, hw, p):
-                yield g0, g0 + 1, p0, min(hw, p0 + p)
+            for c0 in range(0, c, step):
+                yield g0, g0 + 1, c0, min(c, c0 + step), 0, hw
+    else:
+        step = max(1, budget // c)
+        for g0 in range(n):
+            for p0 in range(0, hw, step):
+                yield g0, g0 + 1, 0, c, p0, min(hw, p0 + step)
+
+
+class _Scratch:
+    """One reusable block buffer per pass: a fresh multi-megabyte tensor per block costs page faults (the allocator
+    rarely hands back the block it just freed)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype, self.buf = device, dtype, None
+
+    def __call__(self, *shape: int) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if self.buf is None or self.buf.numel() < numel:
+            self.buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self.buf[:numel].view(shape)
+
+    def block(self, g: int, c: int, p: int, cl: bool) -> torch.Tensor:
+        """A (G, C, P) block buffer, dense in x's memory order ((G, P, C) row-major for channels-last)."""
+        return self(g, p, c).transpose(1, 2) if cl else self(g, c, p)
 
 
 def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
@@ -373,6 +448,8 @@ def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
     # Without batch statistics a group's spatial gate is final as soon as its maps are: write its output too.
     pipelined = cfg.spatial and cfg.bn != "batch"
     gs_parts, rest_parts = [], []
+    split = "p" if cl else "c"
+    scratch = _Scratch(x.device, cd)
     group = max(1, min(n, _GROUP_BYTES // max(1, c * hw * x.element_size())))
     for g0 in range(0, n, group):
         g1 = min(n, g0 + group)
@@ -393,30 +470,27 @@ def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
         hpre[:, g0:g1], gc[g0:g1] = hg, gcg
         if not cfg.spatial:
             continue
-        gsz = g1 - g0
-        pblock = hw if c * hw * gsz <= _BLOCK_ELEMS else max(1, _BLOCK_ELEMS // (c * gsz))
-        for p0 in range(0, hw, pblock):
-            p1 = min(hw, p0 + pblock)
-            xb = xg[:, :, p0:p1]
-            if cl:
-                buf = torch.empty((gsz, p1 - p0, c), dtype=cd, device=x.device)
-                torch.mul(xb.transpose(1, 2), gcg[:, None, :], out=buf)
-                t = buf.transpose(1, 2)
-            else:
-                t = torch.mul(xb, gcg[:, :, None])
-            savg[g0:g1, p0:p1] = t.sum(1).div_(c)
+        for b0, b1_, _, _, p0, p1 in _blocks(g1 - g0, c, hw, _BLOCK_ELEMS, "p"):
+            xb = xg[b0:b1_, :, p0:p1]
+            gcb = gcg[b0:b1_, :, None]
+            t = torch.mul(xb, gcb, out=scratch.block(b1_ - b0, c, p1 - p0, cl))  # dense in x's memory order
+            savg[g0 + b0 : g0 + b1_, p0:p1] = t.sum(1).div_(c)
             m, idx = _max_over_c(t, cl, need_idx)
-            smax[g0:g1, p0:p1] = m
+            smax[g0 + b0 : g0 + b1_, p0:p1] = m
             if idx is not None:
-                idx_s[g0:g1, p0:p1] = idx
+                idx_s[g0 + b0 : g0 + b1_, p0:p1] = idx
         if pipelined:
-            gs_g, *rest = _spatial_forward(savg[g0:g1], smax[g0:g1], wc, bc, gamma, beta, rmean, rvar, cfg,
-                                           (gsz, h, w))  # fmt: skip
+            maps_g = (savg[g0:g1], smax[g0:g1])
+            gs_g, *rest = _spatial_forward(*maps_g, wc, bc, gamma, beta, rmean, rvar, cfg, (g1 - g0, h, w))
             gs_parts.append(gs_g)
             rest_parts.append(rest)
-            _apply_gates(x[g0:g1].flatten(2), outf[g0:g1], gcg, gs_g)
+            for b0, b1_, c0, c1, p0, p1 in _blocks(g1 - g0, c, hw, _BLOCK_ELEMS, split):
+                sl = (slice(g0 + b0, g0 + b1_), slice(c0, c1), slice(p0, p1))
+                _apply_gates(xf[sl], outf[sl], gc[sl[0], c0:c1], gs_g[b0:b1_, p0:p1])
     if not cfg.spatial:
-        torch.mul(x, gc.to(x.dtype)[:, :, None, None], out=out)
+        for g0, g1, c0, c1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS, split):
+            sl = (slice(g0, g1), slice(c0, c1), slice(p0, p1))
+            torch.mul(xf[sl], gc[g0:g1, c0:c1, None].to(x.dtype), out=outf[sl])
         return out, (gc, None, pooled, hpre, idx_c, None, None, None, None, None, None)
     if pipelined:
         gs = torch.cat(gs_parts)
@@ -425,10 +499,11 @@ def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
         rstd = rest_parts[0][2]
         mean = var = None
     else:
-        gs, maps, zhat, rstd, mean, var = _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg,
-                                                           (n, h, w))  # fmt: skip
-        for g0, g1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS):
-            _apply_gates(xf[g0:g1, :, p0:p1], outf[g0:g1, :, p0:p1], gc[g0:g1], gs[g0:g1, p0:p1])
+        spatial = _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, (n, h, w))
+        gs, maps, zhat, rstd, mean, var = spatial
+        for g0, g1, c0, c1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS, split):
+            sl = (slice(g0, g1), slice(c0, c1), slice(p0, p1))
+            _apply_gates(xf[sl], outf[sl], gc[g0:g1, c0:c1], gs[g0:g1, p0:p1])
     return out, (gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, mean, var)
 
 
@@ -445,35 +520,32 @@ def _backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_bias, needs, compiled)
     n, c, hgt, wid = x.shape
     hw = hgt * wid
     n_pools = pooled.shape[0]
-    need_x = needs[0]
 
     # d_gc (N, C) gathers every path through the channel gate; the spatial parts come first.
     if compiled:
-        d_gc, u, idx_c, sgrads = _backward_traced_spatial(dout, x, gc, gs, pooled, maps, zhat, rstd, wcc, gammac, cfg,
-                                                          has_bias[2])  # fmt: skip
+        small = (gc, gs, pooled, idx_s, maps, zhat, rstd, wcc, gammac)
+        d_gc, idx_c, dx_terms, sgrads = _backward_traced_spatial(dout, x, *small, cfg, has_bias[2])
     else:
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
         d_gc, sgrads = _backward_eager_spatial(dout, x, gc, gs, idx_s, maps, zhat, rstd, wcc, gammac, cfg, has_bias[2])
     d_logit = d_gc * gc * (1 - gc)
     d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_logit, pooled, h, w1c, w2c)
-    d_avg = d_pooled[0] / hw if cfg.avg else None
+    d_avg = d_pooled[0] * (1.0 / hw) if cfg.avg else None
     d_max = d_pooled[n_pools - 1] if cfg.max else None
 
     dx = None
-    if need_x:
+    if needs[0]:
         if compiled:
-            dx = _dx_traced(x, gc, u, d_avg, d_max, idx_c)
+            dx = _dx_traced(dout, x, gc, gs, d_avg, d_max, idx_c, dx_terms)
         else:
             dx = _dx_eager(dout, x, gc, gs, idx_c, idx_s, d_avg, d_max, sgrads, cfg)
     d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
-    out = [dx, dw1, db1 if has_bias[0] else None, dw2, db2 if has_bias[1] else None, d_wc, d_bc, d_gamma, d_beta]
-    params = [x, w1, None, w2, None, wc, None, gamma, gamma]
-    for i, g in enumerate(out):
-        if g is None or not needs[i]:
-            out[i] = None
-        elif i > 0:
-            ref = params[i] if params[i] is not None else params[i - 1]
-            out[i] = g.to(ref.dtype)
-    return out
+    grads = [dx, dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta]
+    dtypes = [x.dtype, w1.dtype, w1.dtype, w2.dtype, w2.dtype]
+    dtypes += [None, None, None, None] if wc is None else [wc.dtype, wc.dtype]
+    dtypes += [None, None] if gamma is None else [gamma.dtype, gamma.dtype]
+    return [g.to(dtypes[i]) if g is not None and needs[i] else None for i, g in enumerate(grads)]
 
 
 def _backward_eager_spatial(dout, x, gc, gs, idx_s, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):
@@ -486,45 +558,35 @@ def _backward_eager_spatial(dout, x, gc, gs, idx_s, maps, zhat, rstd, wc, gamma,
     xf, df = x.flatten(2), dout.flatten(2)
     d_gc = x.new_zeros((n, c), dtype=cd)
     if not cfg.spatial:  # d_gc = sum_hw dout * x
-        for g0, g1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS):
-            xb, db = xf[g0:g1, :, p0:p1], df[g0:g1, :, p0:p1]
-            d_gc[g0:g1] += (db.to(cd) * xb.to(cd) if half else db * xb).sum(2)
+        scratch = _Scratch(x.device, cd)
+        for g0, g1, c0, c1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS, "p" if cl else "c"):
+            xb, db = xf[g0:g1, c0:c1, p0:p1], df[g0:g1, c0:c1, p0:p1]
+            if half:
+                xb, db = xb.to(cd), db.to(cd)
+            d_gc[g0:g1, c0:c1] += torch.mul(db, xb, out=scratch.block(*xb.shape, cl)).sum(2)
         return d_gc, None
-    # Pass 1: t = dout * x per block; d_gs = sum_c t * gc and d_gc += sum_hw t * gs, both read t from the cache.
+    # Pass 1: t = dout * x per block; d_gs = sum_c gc * t and d_gc += sum_hw gs * t, both read t from the cache.
     d_gs = x.new_empty((n, hw), dtype=cd)
-    for g0, g1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS):
+    scratch = _Scratch(x.device, cd)
+    for g0, g1, _, _, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS, "p"):
         xb, db = xf[g0:g1, :, p0:p1], df[g0:g1, :, p0:p1]
         if half:
             xb, db = xb.to(cd), db.to(cd)
-        gcb, gsb = gc[g0:g1], gs[g0:g1, p0:p1]
-        if cl:
-            t = torch.empty((g1 - g0, p1 - p0, c), dtype=cd, device=x.device)  # (G, P, C) row-major
-            torch.mul(db.transpose(1, 2), xb.transpose(1, 2), out=t)
-            d_gs[g0:g1, p0:p1] = torch.bmm(t, gcb[:, :, None]).squeeze(2)
-            d_gc[g0:g1] += torch.bmm(gsb[:, None, :], t).squeeze(1)
-        else:
-            t = torch.mul(db, xb)  # (G, C, P) row-major
-            d_gs[g0:g1, p0:p1] = torch.bmm(gcb[:, None, :], t).squeeze(1)
-            d_gc[g0:g1] += torch.bmm(t, gsb[:, :, None]).squeeze(2)
+        t = torch.mul(db, xb, out=scratch.block(g1 - g0, c, p1 - p0, cl))  # dense in x's memory order
+        # vector x matrix products (fast gemv forms for either memory order)
+        d_gs[g0:g1, p0:p1] = torch.bmm(gc[g0:g1, None, :], t).squeeze(1)
+        d_gc[g0:g1] += torch.bmm(gs[g0:g1, None, p0:p1], t.transpose(1, 2)).squeeze(1)
     sgrads = _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias)
-    d_maps = sgrads[0]
-    d_savg, d_smax = d_maps[:, 0] / c, d_maps[:, 1]
-    # Pass 2: the average map's term sum_hw x * d_savg (a batched matrix-vector product), and the max map's sparse one.
+    d_savg, d_smax = sgrads[0] / c, sgrads[1]
+    # Pass 2: the average map's term sum_hw d_savg * x (a vector x matrix product), and the max map's sparse one.
     if half:
-        for g0, g1, _, _ in _blocks(n, c, hw, _GROUP_BYTES // 4):
-            d_gc[g0:g1] += _x_times_map(xf[g0:g1].to(cd), d_savg[g0:g1], cl)
+        for g0, g1, _, _, _, _ in _blocks(n, c, hw, _GROUP_BYTES // 4, "p"):
+            d_gc[g0:g1] += torch.bmm(d_savg[g0:g1, None, :], xf[g0:g1].to(cd).transpose(1, 2)).squeeze(1)
     else:
-        d_gc += _x_times_map(xf, d_savg, cl)
+        d_gc += torch.bmm(d_savg[:, None, :], xf.transpose(1, 2)).squeeze(1)
     x_at_max = xf.gather(1, idx_s[:, None, :]).squeeze(1).to(cd)
     d_gc.scatter_add_(1, idx_s, x_at_max * d_smax)
-    return d_gc, (d_savg, d_smax, *sgrads[1:])
-
-
-def _x_times_map(xf, v, cl):
-    """sum_hw xf[n, c, hw] * v[n, hw] -> (N, C) with one read of xf in its memory order."""
-    if cl:
-        return torch.bmm(v[:, None, :], xf.transpose(1, 2)).squeeze(1)
-    return torch.bmm(xf, v[:, :, None]).squeeze(2)
+    return d_gc, (d_savg, d_smax, *sgrads[2:])
 
 
 def _dx_eager(dout, x, gc, gs, idx_c, idx_s, d_avg, d_max, sgrads, cfg):
@@ -533,25 +595,25 @@ def _dx_eager(dout, x, gc, gs, idx_c, idx_s, d_avg, d_max, sgrads, cfg):
     hw = h * w
     cd = gc.dtype
     half = cd != x.dtype
-    dx = torch.empty_like(x, memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    cl = _channels_last(x)
+    dx = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
     dxf, df = dx.flatten(2), dout.flatten(2)
-    d_avg_b = d_avg[:, :, None] if d_avg is not None else torch.zeros((), dtype=cd, device=x.device)
-    if not cfg.spatial:
-        if half:
-            dxf.copy_(torch.addcmul(d_avg_b, df.to(cd), gc[:, :, None]))
+    d_savg = sgrads[0] if cfg.spatial else None
+    scratch = _Scratch(x.device, cd)
+    for g0, g1, c0, c1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS, "p" if cl else "c"):
+        db, ob = df[g0:g1, c0:c1, p0:p1], dxf[g0:g1, c0:c1, p0:p1]
+        tb = scratch.block(*ob.shape, cl) if half else ob
+        if cfg.spatial:
+            torch.mul(db, gs[g0:g1, None, p0:p1], out=tb)
+            tb.add_(d_savg[g0:g1, None, p0:p1]).mul_(gc[g0:g1, c0:c1, None])
         else:
-            torch.addcmul(d_avg_b, df, gc[:, :, None], out=dxf)
-    else:
-        d_savg, d_smax = sgrads[0], sgrads[1]
-        for g0, g1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS):
-            db, ob = df[g0:g1, :, p0:p1], dxf[g0:g1, :, p0:p1]
-            gsb, dsb = gs[g0:g1, None, p0:p1], d_savg[g0:g1, None, p0:p1]
-            gcb, dab = gc[g0:g1, :, None], d_avg_b[g0:g1] if d_avg is not None else d_avg_b
-            if half:
-                ob.copy_(torch.addcmul(dab, torch.addcmul(dsb, db.to(cd), gsb), gcb))
-            else:
-                torch.addcmul(dsb, db, gsb, out=ob)
-                torch.addcmul(dab, ob, gcb, out=ob)
+            torch.mul(db, gc[g0:g1, c0:c1, None], out=tb)
+        if d_avg is not None:
+            tb.add_(d_avg[g0:g1, c0:c1, None])
+        if half:
+            ob.copy_(tb)
+    if cfg.spatial:
+        d_smax = sgrads[1]
         dxf.scatter_add_(1, idx_s[:, None, :], (gc.gather(1, idx_s) * d_smax)[:, None, :].to(x.dtype))
     if d_max is not None:
         dxf.scatter_add_(2, idx_c[:, :, None], d_max[:, :, None].to(x.dtype))
@@ -561,62 +623,115 @@ def _dx_eager(dout, x, gc, gs, idx_c, idx_s, d_avg, d_max, sgrads, cfg):
 # --------------------------------------------------------------------------------------------------
 # Traced formulation (torch.compile): plain tensor expressions that Inductor fuses, one kernel per pass
 # --------------------------------------------------------------------------------------------------
+class _Layout:
+    """3-D views of (N, C, H, W) tensors in memory order, (N, C, HW) for NCHW and (N, HW, C) for channels-last, so
+    that Inductor's loops run along memory (4-D views would also be made channels-last near a convolution), and the
+    matching broadcasts of per-channel (N, C) and per-position (N, HW) tensors."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.cl = _channels_last(x)
+        self.shape = x.shape
+        self.c_dim, self.p_dim = (2, 1) if self.cl else (1, 2)
+
+    def big(self, t: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = self.shape
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, c) if self.cl else t.reshape(n, c, h * w)
+
+    def unbig(self, t: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = self.shape
+        return t.view(n, h, w, c).permute(0, 3, 1, 2) if self.cl else t.view(n, c, h, w)
+
+    def chan(self, v: torch.Tensor) -> torch.Tensor:
+        return v[:, None, :] if self.cl else v[:, :, None]
+
+    def pos(self, v: torch.Tensor) -> torch.Tensor:
+        return v[:, :, None] if self.cl else v[:, None, :]
+
+    def index(self, size: int, dim: int, device: torch.device) -> torch.Tensor:
+        """0 .. size-1 (int32: half the vector work of int64 in the fused kernels) along dim of the 3-D view."""
+        shape = [1, 1, 1]
+        shape[dim] = size
+        return torch.arange(size, device=device, dtype=torch.int32).view(shape)
+
+
 def _forward_traced(x, w1, b1, w2, b2, small, cfg):
     wc, bc, gamma, beta, rmean, rvar = small
     n, c, h, w = x.shape
     cd = _compute_dtype(x)
+    lay = _Layout(x)
+    xb = lay.big(x)
     pools = []
     if cfg.avg:
-        pools.append(x.sum((2, 3), dtype=cd) / (h * w))
-    if cfg.max:
-        pools.append(x.amax((2, 3)).to(cd))
+        pools.append(xb.sum(lay.p_dim, dtype=cd) / (h * w))
+    if cfg.max:  # the index of the first maximum is found in backward, in the pass that sums x over H x W anyway
+        pools.append(xb.amax(lay.p_dim).to(cd))
     pooled = torch.stack(pools)
     hpre, gc = _mlp_forward(pooled, w1, b1, w2, b2)
-    gcx = gc.to(x.dtype)[:, :, None, None]
+    gcx = lay.chan(gc.to(x.dtype))
     if not cfg.spatial:
-        return x * gcx, (gc, None, pooled, hpre, None, None, None, None, None, None, None)
-    y = (x * gcx).to(cd)  # never stored: Inductor recomputes it inside the reductions
-    savg = (y.sum(1) / c).view(n, h * w)
-    smax = y.amax(1).view(n, h * w)
+        return lay.unbig(xb * gcx), (gc, None, pooled, hpre, None, None, None, None, None, None, None)
+    y = (xb * gcx).to(cd)  # never stored: Inductor recomputes it inside the reductions
+    savg = y.sum(lay.c_dim) / c
+    smax = y.amax(lay.c_dim)
+    idx_s = torch.where(y == lay.pos(smax), lay.index(c, lay.c_dim, x.device), c).amin(lay.c_dim)
     gs, maps, zhat, rstd, mean, var = _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, (n, h, w))
-    out = x * gcx * gs.to(x.dtype).view(n, 1, h, w)
-    return out, (gc, gs, pooled, hpre, None, None, maps, zhat, rstd, mean, var)
+    out = xb * gcx * lay.pos(gs.to(x.dtype))
+    return lay.unbig(out), (gc, gs, pooled, hpre, None, idx_s, maps, zhat, rstd, mean, var)
 
 
-def _backward_traced_spatial(dout, x, gc, gs, pooled, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):
-    """d_gc, the factor u with dx = gc * u + (channel-pool terms), the first-max channel index, spatial grads.
+def _backward_traced_spatial(dout, x, gc, gs, pooled, idx_s, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):
+    """d_gc, the channel first-max index, what dx needs from the spatial branch, the spatial parameters' gradients.
 
-    The first-maximum indices are found here, as min-reductions fused into the passes that read x anyway."""
+    Two kernels read full-size tensors here: d_gs = sum_c dout * y (dout and x), then d_gc = sum_hw x * u (dout and x)
+    together with the index of each channel's first maximum; dx is the third."""
     n, c, h, w = x.shape
+    hw = h * w
     cd = gc.dtype
-    xc, dc = x.to(cd), dout.to(cd)
-    hw_index = torch.arange(h * w, device=x.device).view(1, 1, h, w)
-    idx_c = None
-    if cfg.max:
-        mx = pooled[-1][:, :, None, None]
-        idx_c = torch.where(xc == mx, hw_index, h * w).amin((2, 3))
+    lay = _Layout(x)
+    xb = lay.big(x)
+    xc, dc = xb.to(cd), lay.big(dout).to(cd)
+
+    def first_max_over_hw(zero: torch.Tensor | None) -> torch.Tensor | None:
+        if not cfg.max:
+            return None
+        # zero: exact zeros, per position, computed late in backward; x + zero has x's values (for finite x) but the
+        # iteration space and dependencies of the d_gc pass, so Inductor fuses this search into that pass instead
+        # of reading x once more.
+        xz = xc if zero is None else xc + zero
+        hw_index = lay.index(hw, lay.p_dim, x.device)
+        return torch.where(xz == lay.chan(pooled[-1]), hw_index, hw).amin(lay.p_dim)
+
     if not cfg.spatial:
-        return (xc * dc).sum((2, 3)), dc, idx_c, None
-    c_index = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    gs4 = gs.view(n, 1, h, w)
-    y = (x * gc.to(x.dtype)[:, :, None, None]).to(cd)  # bit-identical to the forward's product
-    d_gs = (dc * y).sum(1).view(n, h * w)
-    smax = maps[:, 1:2]
-    idx_s = torch.where(y == smax, c_index, c).amin(1, keepdim=True)
+        return (xc * dc).sum(lay.p_dim), first_max_over_hw(None), None, None
+    # Bit-identical to the forward's product (x * gc there). The swapped operands keep the joint graph from merging
+    # the two, which would make the partitioner save the full-size product instead of recomputing it from x.
+    y = (lay.chan(gc.to(x.dtype)) * xb).to(cd)
+    d_gs = (dc * y).sum(lay.c_dim)
     sgrads = _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias)
-    d_maps = sgrads[0].view(n, 2, h, w)
-    d_savg, d_smax = d_maps[:, 0:1] / c, d_maps[:, 1:2]
-    u = dc * gs4 + d_savg + torch.where(c_index == idx_s, d_smax, 0.0)
-    d_gc = (xc * u).sum((2, 3))
-    return d_gc, u, idx_c, (None, None, *sgrads[1:])
+    # small tensors are inlined into the full-size kernels: a multiply there is cheaper than a division
+    d_savg, d_smax = lay.pos(sgrads[0] * (1.0 / c)), lay.pos(sgrads[1])
+    is_max = lay.index(c, lay.c_dim, x.device) == lay.pos(idx_s)
+    u = dc * lay.pos(gs) + d_savg + torch.where(is_max, d_smax, 0.0)
+    d_gc = (xc * u).sum(lay.p_dim)
+    idx_c = first_max_over_hw(d_smax * 0.0)
+    return d_gc, idx_c, (idx_s, d_savg, d_smax), (None, None, *sgrads[2:])
 
 
-def _dx_traced(x, gc, u, d_avg, d_max, idx_c):
-    n, c, h, w = x.shape
-    dx = gc[:, :, None, None] * u
+def _dx_traced(dout, x, gc, gs, d_avg, d_max, idx_c, terms):
+    """dx, written with other sub-expressions than u in d_gc: a shared full-size node would be materialised."""
+    c, h, w = x.shape[1:]
+    lay = _Layout(x)
+    gcv = lay.chan(gc)
+    dc = lay.big(dout).to(gc.dtype)
+    if terms is None:
+        dx = dc * gcv
+    else:
+        idx_s, d_savg, d_smax = terms
+        is_max = lay.index(c, lay.c_dim, x.device) == lay.pos(idx_s)
+        dx = dc * (lay.pos(gs) * gcv) + gcv * d_savg + torch.where(is_max, gcv * d_smax, 0.0)
     if d_avg is not None:
-        dx = dx + d_avg[:, :, None, None]
+        dx = dx + lay.chan(d_avg)
     if d_max is not None:
-        hw_index = torch.arange(h * w, device=x.device).view(1, 1, h, w)
-        dx = dx + torch.where(hw_index == idx_c[:, :, None, None], d_max[:, :, None, None], 0.0)
-    return dx.to(x.dtype)
+        is_max = lay.index(h * w, lay.p_dim, x.device) == lay.chan(idx_c)
+        dx = dx + torch.where(is_max, lay.chan(d_max), 0.0)
+    return lay.unbig(dx.to(x.dtype))
