@@ -344,3 +344,19 @@ def test_bad_configuration(kwargs, words):
 def test_bad_channel_count():
     with pytest.raises(ValueError, match="channels must be a positive integer"):
         CBAM(0)
+
+
+def test_fused_by_default_when_training_reference_without_gradients(monkeypatch):
+    import cbam.layers.cbam_fused as fused
+
+    calls = []
+    original = fused.cbam_fused
+    monkeypatch.setattr(fused, "cbam_fused", lambda m, x: calls.append(1) or original(m, x))
+    m = CBAM(16, 4)
+    x = torch.randn(2, 16, 5, 5)
+    out = m(x)
+    assert calls == [1] and m.implementation == "fused"
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), out)
+    assert calls == [1]
+    assert CBAM(16, 4, implementation="reference").implementation == "reference"
