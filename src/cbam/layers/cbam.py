@@ -319,7 +319,11 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The fused path pays off when autograd would keep the reference path's intermediates; with gradients
         # off nothing is kept and the reference composition measured as fast or faster (cbam bench, CPU).
-        if self.implementation == "fused" and torch.is_grad_enabled():
+        # Under torch.compile with autocast on, Dynamo loses the autocast state around the fused function's
+        # float32 region (the network's next convolution then sees bf16 inputs with fp32 weights); the
+        # reference path is used there until that is solved. Eager autocast uses the fused path.
+        compiled_amp = torch.compiler.is_compiling() and torch.is_autocast_enabled(x.device.type)
+        if self.implementation == "fused" and torch.is_grad_enabled() and not compiled_amp:
             from .cbam_fused import cbam_fused
 
             return cbam_fused(self, x)

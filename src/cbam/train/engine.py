@@ -375,7 +375,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
             lr_used = optimizer.param_groups[0]["lr"]
             scheduler.step()
             _sync_buffers(model, info)
-            val = evaluate(step_model if not cfg.compile else model, val_loader, cfg, info)
+            val = evaluate(model, val_loader, cfg, info)  # the bare module: no collective per batch
             row = {"epoch": epoch + 1, "step": global_step,
                    "train_loss": epoch_sums[0] / max(epoch_sums[1], 1), **val,
                    "lr": lr_used,
