@@ -293,3 +293,12 @@ def test_every_ablation_variant_builds():
 def test_ablate_bad_budget(capsys):
     assert main(["ablate", "--budget", "0"]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--output", str(out), "--resume", "--attention", "cbam"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and len(err.strip().splitlines()) == 1

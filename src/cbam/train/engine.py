@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..models import create_model
 from ..models.complexity import count_macs, count_params
 from . import distributed as D
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import TrainConfig, to_yaml
 from .data import build_datasets, build_loader
 
@@ -265,15 +265,19 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
     scheduler = make_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
 
-
     # resume
     start_epoch, start_batch, global_step, best = 0, 0, 0, None
     epoch_sums = [0.0, 0.0, 0.0]  # loss sum, images, seconds of the epoch so far
     last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     if cfg.resume:
         state = load_checkpoint(last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160]
+            raise CheckpointError(f"checkpoint {last_path} does not fit this run's model or optimizer ({reason}); "
+                                  "resume with the run's own settings") from None
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["step"]
