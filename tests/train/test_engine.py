@@ -302,3 +302,10 @@ def test_resume_with_another_model_is_one_line(tmp_path, capsys):
     assert main(["train", *TINY, "--epochs", "2", "--output", str(out), "--resume", "--attention", "cbam"]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_start_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--model", "resnet9000", "--output", str(out)]) == 2
+    assert not out.exists()
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(out)]) == 0

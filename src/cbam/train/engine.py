@@ -106,7 +106,7 @@ def check_output(cfg: TrainConfig) -> list[str]:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if cfg.resume:
         if not (out / "checkpoints" / "last.pt").exists():
             raise UsageError(f"--resume: no checkpoint to resume in {out} (expected {out}/checkpoints/last.pt)")
@@ -238,7 +238,7 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any
 
 def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    out = prepare_output(cfg, info)
+    check_output(cfg)  # refuse early; the folder itself is made once data and model are known to be fine
     train_set, val_set, data = build_datasets(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
         synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size,
@@ -264,6 +264,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
     optimizer = make_optimizer(cfg, model, global_batch)
     scheduler = make_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
+    out = prepare_output(cfg, info)
 
     # resume
     start_epoch, start_batch, global_step, best = 0, 0, 0, None
