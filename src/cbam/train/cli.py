@@ -17,7 +17,7 @@ from ..options import ATTENTION_CHOICES
 from . import distributed as D
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, from_dict, resolve
-from .data import DATASETS, build_datasets
+from .data import DATASETS
 
 _CHOICES = {"attention": ATTENTION_CHOICES, "dataset": DATASETS, "amp": ("bf16", "fp16"),
             "schedule": ("step", "cosine", "constant"), "bad_images": ("stop", "skip"),
@@ -139,16 +139,13 @@ def _load_for_eval(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor], Pa
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .engine import build_model, evaluate
+    from .engine import build_model, datasets_for, evaluate
 
     cfg, weights, path = _load_for_eval(Path(args.checkpoint))
     updates = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size,
                "workers": args.workers}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in updates.items() if v is not None})
-    _, val_set, data = build_datasets(
-        cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
-        synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size,
-        synthetic_seed=cfg.synthetic_seed, synthetic_classes=cfg.synthetic_classes, bad_images=cfg.bad_images)
+    _, val_set, data = datasets_for(cfg)
     model = build_model(cfg, data.num_classes, data.in_chans)
     try:
         model.load_state_dict(weights)

@@ -66,6 +66,15 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     return create_model(cfg.model, attention=attention, num_classes=num_classes, **kwargs)
 
 
+def datasets_for(cfg: TrainConfig):
+    """Train and validation sets and their DataInfo, as the run's configuration describes them."""
+    return build_datasets(
+        cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+        synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size,
+        synthetic_seed=cfg.synthetic_seed, synthetic_classes=cfg.synthetic_classes, bad_images=cfg.bad_images,
+    )
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp is None:
         return contextlib.nullcontext()
@@ -239,11 +248,7 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any
 def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     check_output(cfg)  # refuse early; the folder itself is made once data and model are known to be fine
-    train_set, val_set, data = build_datasets(
-        cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
-        synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size,
-        synthetic_seed=cfg.synthetic_seed, synthetic_classes=cfg.synthetic_classes, bad_images=cfg.bad_images,
-    )
+    train_set, val_set, data = datasets_for(cfg)
     global_batch = cfg.batch_size
     workers = default_workers(cfg.dataset) if cfg.workers is None else cfg.workers
     ranks = {"rank": info.rank, "world_size": info.world_size}
