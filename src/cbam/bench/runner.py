@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import CBAM, SE
+from ..layers.cbam_fused import cbam_fused
 from ..models import create_model
 
 MODULE_SHAPES = {
@@ -75,10 +76,21 @@ def saved_bytes(step: Callable[[], Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ cases
+class _FusedOnly(nn.Module):
+    """CBAM through its fused path even without gradients (the module itself then uses the reference path)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.cbam = CBAM(channels, implementation="fused")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cbam_fused(self.cbam, x)
+
+
 def _module_variants(channels: int, timm_ok: bool) -> dict[str, Callable[[], nn.Module]]:
     variants: dict[str, Callable[[], nn.Module]] = {
         "cbam-reference": lambda: CBAM(channels, implementation="reference"),
-        "cbam-fused": lambda: CBAM(channels, implementation="fused"),
+        "cbam-fused": lambda: _FusedOnly(channels),
         "se": lambda: SE(channels),
     }
     if timm_ok:

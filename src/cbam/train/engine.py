@@ -316,10 +316,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
                 "batch": batch, "step": global_step, "best": best, "epoch_sums": epoch_sums, "rng": rngs,
                 "config": {k: v for k, v in asdict(cfg).items() if k != "config"}}
 
-    def save_last(epoch: int, batch: int) -> Path:
+    def save_last(epoch: int, batch: int, *, also_best: bool = False) -> Path:
         state = checkpoint_state(epoch, batch)  # collective: every rank takes part
         if info.is_main:
             save_checkpoint(last_path, state)
+            if also_best:
+                save_checkpoint(best_path, state)
         return last_path
 
     metrics: list[dict[str, Any]] = _read_metrics(out / "metrics.jsonl") if info.is_main else []
@@ -405,11 +407,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
                 if tb is not None:
                     for key in ("train_loss", "val_loss", "top1_err", "top5_err", "lr", "images_per_s"):
                         tb.add_scalar(key, row[key], epoch + 1)
-            state = checkpoint_state(epoch + 1, 0)
-            if info.is_main:
-                save_checkpoint(last_path, state)
-                if is_best:
-                    save_checkpoint(best_path, state)
+            save_last(epoch + 1, 0, also_best=is_best)
     return _finish(cfg, info, out, model, metrics, best, params, macs, started, tb)
 
 
