@@ -346,17 +346,21 @@ def test_bad_channel_count():
         CBAM(0)
 
 
-def test_fused_by_default_when_training_reference_without_gradients(monkeypatch):
+@pytest.mark.parametrize("formulation", ["native", "eager"])
+def test_fused_by_default_and_without_gradients_only_with_the_native_kernels(monkeypatch, formulation):
+    """Without gradients, the fused path composed of PyTorch operators is no faster than the reference composition
+    (which the module then uses); the native CPU kernels are, and serve both cases."""
     import cbam.layers.cbam_fused as fused
 
     calls = []
     original = fused.cbam_fused
     monkeypatch.setattr(fused, "cbam_fused", lambda m, x: calls.append(1) or original(m, x))
+    monkeypatch.setattr(fused, "_PATH_OVERRIDE", formulation)
     m = CBAM(16, 4)
     x = torch.randn(2, 16, 5, 5)
     out = m(x)
     assert calls == [1] and m.implementation == "fused"
     with torch.no_grad():
         torch.testing.assert_close(m(x), out)
-    assert calls == [1]
+    assert calls == ([1, 1] if formulation == "native" else [1])
     assert CBAM(16, 4, implementation="reference").implementation == "reference"

@@ -1,4 +1,8 @@
-"""The fused CBAM path against the reference path: values, gradients, BatchNorm state, formats, dtypes, ties."""
+"""The fused CBAM path against the reference path: values, gradients, BatchNorm state, formats, dtypes, ties.
+
+Tests that take the ``path`` fixture run once per eager formulation of the fused path: the hand-written CPU kernels
+("native", ``fused_cpu.py``) and the composition of PyTorch operators ("eager", what CUDA and CPUs without a
+compiler use). The torch.compile test runs the "traced" formulation (what Inductor fuses) and the native one."""
 
 from __future__ import annotations
 
@@ -10,9 +14,19 @@ from torch import nn
 
 from cbam import CBAM
 from cbam.layers import cbam_fused as fused_module
+from cbam.layers import fused_cpu
 from cbam.layers.cbam_fused import cbam_fused, fused_supported
 
 CL = torch.channels_last
+
+
+@pytest.fixture(params=["native", "eager"])
+def path(request, monkeypatch):
+    """Pins the fused path's formulation (the native kernels must build here: CI has a C++ compiler)."""
+    if request.param == "native":
+        assert fused_cpu.native_available(), fused_cpu.native_status()
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------- helpers
@@ -93,7 +107,7 @@ def _x(shape, seed: int = 1, fmt=torch.contiguous_format, dtype=torch.float32) -
 @pytest.mark.parametrize("preset", ["paper", "seed", "timm"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_presets_formats_modes(preset, fmt, training):
+def test_presets_formats_modes(path, preset, fmt, training):
     m = _make(32, preset=preset, reduction=None).train(training)
     assert fused_supported(m) is None
     _compare(m, _x((3, 32, 6, 5), fmt=fmt))
@@ -101,7 +115,7 @@ def test_presets_formats_modes(preset, fmt, training):
 
 @pytest.mark.parametrize("pool_types", [("avg",), ("max",), ("avg", "max"), ("max", "avg")])
 @pytest.mark.parametrize("kernel_size", [3, 7])
-def test_pool_subsets_and_kernels(pool_types, kernel_size):
+def test_pool_subsets_and_kernels(path, pool_types, kernel_size):
     _compare(_make(pool_types=pool_types, kernel_size=kernel_size), _x((2, 16, 7, 6)))
 
 
@@ -119,7 +133,7 @@ def test_pool_subsets_and_kernels(pool_types, kernel_size):
     ],
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_options(kwargs, training):
+def test_options(path, kwargs, training):
     m = _make(**kwargs).train(training)
     assert fused_supported(m) is None
     _compare(m, _x((2, 16, 5, 4), fmt=CL if training else torch.contiguous_format))
@@ -127,13 +141,13 @@ def test_options(kwargs, training):
 
 @pytest.mark.parametrize("shape", [(1, 16, 1, 1), (3, 16, 1, 1), (1, 16, 1, 5), (1, 16, 13, 2), (2, 16, 3, 1)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_tiny_and_degenerate_shapes(shape, training):
+def test_tiny_and_degenerate_shapes(path, shape, training):
     # batch 1 at 1 x 1 in training: the reference normalises with the running statistics and keeps them
     _compare(_make().train(training), _x(shape))
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_odd_shapes(fmt):
+def test_odd_shapes(path, fmt):
     m = _make(5, hidden=3)
     _compare(m, _x((3, 5, 5, 7), fmt=fmt))
     _compare(_make(7, hidden=2, kernel_size=3), _x((1, 7, 9, 3), fmt=fmt))
@@ -143,13 +157,14 @@ def test_odd_shapes(fmt):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_blocked_eager_passes(monkeypatch, fmt, training):
     """Tiny block budgets force every eager pass to split samples along C or H x W and to group samples."""
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "eager")
     monkeypatch.setattr(fused_module, "_BLOCK_ELEMS", 40)
     monkeypatch.setattr(fused_module, "_GROUP_BYTES", 2000)
     _compare(_make(24, seed=3).train(training), _x((5, 24, 6, 7), fmt=fmt))
     _compare(_make(24, seed=3, spatial=False).train(training), _x((5, 24, 6, 7), fmt=fmt))
 
 
-def test_strided_input_and_dout():
+def test_strided_input_and_dout(path):
     m = _make()
     base = _x((2, 16, 6, 10))
     x = base[:, :, :, ::2]  # neither NCHW- nor channels-last-contiguous
@@ -162,7 +177,7 @@ def test_strided_input_and_dout():
     _close(xf.grad, xr.grad, 1e-5)
 
 
-def test_running_stats_over_several_steps_and_cumulative_momentum():
+def test_running_stats_over_several_steps_and_cumulative_momentum(path):
     m = _make(preset="timm", reduction=None)
     m.spatial.norm.momentum = None  # cumulative moving average: factor 1 / num_batches_tracked
     fused_m = copy.deepcopy(m)
@@ -178,11 +193,19 @@ def test_running_stats_over_several_steps_and_cumulative_momentum():
     assert int(fused_m.spatial.norm.num_batches_tracked) == 3
 
 
-def test_no_grad_and_frozen_parameters():
+def test_no_grad_and_frozen_parameters(path):
     m = _make()
     x = _x((2, 16, 5, 6))
     with torch.no_grad():
         _close(cbam_fused(copy.deepcopy(m), x), m(x), 1e-5)
+        # eval mode: nothing to keep and no batch statistics (the native path runs the module as one operator)
+        for kwargs in ({}, {"spatial": False}, {"spatial_norm": False, "spatial_bias": True}, {"pool_types": ("max",)}):
+            me = _make(**kwargs).eval()
+            for fmt in (torch.contiguous_format, CL):
+                xe = x.contiguous(memory_format=fmt)
+                out = cbam_fused(copy.deepcopy(me), xe)
+                _close(out, me(xe), 1e-5)
+                assert out.is_contiguous(memory_format=fmt)
     # x without grad, parameters with grad
     fm = copy.deepcopy(m)
     m(x).square().sum().backward()
@@ -219,7 +242,7 @@ class _Fused(nn.Module):
         ({"spatial": False}, True, CL),
     ],
 )
-def test_gradcheck_float64_input_and_all_parameters(kwargs, training, fmt):
+def test_gradcheck_float64_input_and_all_parameters(path, kwargs, training, fmt):
     m = _make(8, **{"reduction": 2, **kwargs}).double().train(training)
     wrapper = _Fused(m)
     names = [k for k, _ in wrapper.named_parameters()]
@@ -236,7 +259,7 @@ def test_gradcheck_float64_input_and_all_parameters(kwargs, training, fmt):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_half_precision(dtype, fmt, training):
+def test_half_precision(path, dtype, fmt, training):
     """Half inputs and parameters against a float64 reference on the same values (few distinct values in bf16 make
     exact ties likely, and the reference splits their gradient: each plane holds distinct values here)."""
     m = _make(32).train(training)
@@ -262,7 +285,7 @@ def test_half_precision(dtype, fmt, training):
         _close(got[3][k].double(), b.double(), rel)
 
 
-def test_under_cpu_autocast():
+def test_under_cpu_autocast(path):
     m = _make(32)
     x = _x((2, 32, 6, 6))
     fm = copy.deepcopy(m)
@@ -284,7 +307,7 @@ def _tied_module() -> CBAM:
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_ties_in_the_channel_max_go_to_the_first_position(fmt):
+def test_ties_in_the_channel_max_go_to_the_first_position(path, fmt):
     m = _tied_module()
     x = _x((2, 6, 4, 5), dtype=torch.double)
     top = x.amax(dim=(2, 3), keepdim=True) + 1.0
@@ -305,7 +328,7 @@ def test_ties_in_the_channel_max_go_to_the_first_position(fmt):
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("tied", [(0, 1), (5, 10)])  # 5 = 0 * 8 + 5, 10 = 1 * 8 + 2
-def test_ties_in_the_spatial_max_go_to_the_first_channel(fmt, tied):
+def test_ties_in_the_spatial_max_go_to_the_first_channel(path, fmt, tied):
     m = _make(16, hidden=3, kernel_size=3).double()  # 16 channels: two levels (2 x 8) in channels-last
     with torch.no_grad():
         m.channel.fc2.bias.fill_(100.0)  # channel gate exactly 1.0 for every channel
@@ -324,7 +347,7 @@ def test_ties_in_the_spatial_max_go_to_the_first_channel(fmt, tied):
 
 # ---------------------------------------------------------------- memory: only x and small tensors are saved
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_saves_only_the_input_and_small_tensors(fmt):
+def test_saves_only_the_input_and_small_tensors(path, fmt):
     m = _make(64, spatial_bias=True)
     x = _x((4, 64, 12, 12), fmt=fmt).requires_grad_()
     saved = []
@@ -382,7 +405,9 @@ def test_bad_inputs(x, error, words):
 
 
 # ---------------------------------------------------------------- torch.compile
-def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last():
+@pytest.mark.parametrize("formulation", ["traced", "native"])
+def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(monkeypatch, formulation):
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", formulation)
     m = _make(16)
     fm = copy.deepcopy(m)
     compiled = torch.compile(cbam_fused, fullgraph=True)

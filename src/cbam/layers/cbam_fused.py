@@ -46,7 +46,7 @@ from ._checks import check_feature_map
 if TYPE_CHECKING:
     from .cbam import CBAM
 
-__all__ = ["cbam_fused", "fused_supported"]
+__all__ = ["cbam_fused", "fused_path", "fused_supported"]
 
 # Eager blocking (tuned on a 2-core AMD EPYC with 32 MiB of L3): a group of samples of up to _GROUP_BYTES is pooled
 # over H x W and then over C while it is still cached; the other passes work on blocks of about _BLOCK_ELEMS
@@ -155,7 +155,7 @@ def cbam_fused(module: CBAM, x: torch.Tensor) -> torch.Tensor:
         out, mean, var = _CBAMFunction.apply(x, *params, *stats, cfg)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, _ = _forward(x, *params, *stats, cfg, need_backward=False)
+            out, mean, var, _, _ = _forward(x, *params, *stats, cfg, need_backward=False)
     if bn == "batch":
         _update_running_stats(norm, mean, var)
     return out
@@ -178,9 +178,9 @@ class _CBAMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, saved = _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, True)
+            out, mean, var, saved, path = _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, True)
         ctx.cfg = cfg
-        ctx.compiled = torch.compiler.is_compiling()
+        ctx.path = path
         ctx.has_bias = (b1 is not None, b2 is not None, bc is not None)
         ctx.save_for_backward(x, w1, w2, wc, gamma, *saved)
         ctx.mark_non_differentiable(mean, var)
@@ -191,7 +191,7 @@ class _CBAMFunction(torch.autograd.Function):
         x, w1, w2, wc, gamma, *saved = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             grads = _backward(
-                dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, ctx.needs_input_grad, ctx.compiled
+                dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, ctx.needs_input_grad, ctx.path
             )
         return (*grads, None, None, None)
 
@@ -228,11 +228,16 @@ def _mlp_backward(d_logit, pooled, h, w1, w2):
     return d_h @ w1, dw1, db1, dw2, db2
 
 
-def _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, shape):
-    """[avg; max] maps (N, HW) -> spatial gate gs (N, HW) and what its backward needs (all N x HW or smaller)."""
+def _stack_maps(savg, smax, shape):
+    """The (N, 2, H, W) input of the spatial convolution from the [avg; max] maps (N, HW)."""
     n, h, w = shape
-    maps = torch.stack([savg, smax], 1).view(n, 2, h, w)
-    z = torch.ops.cbam_fused.spatial_conv(maps, wc, bc)
+    return torch.stack([savg, smax], 1).view(n, 2, h, w)
+
+
+def _spatial_forward(maps, wc, bc, gamma, beta, rmean, rvar, cfg, conv=None):
+    """[avg; max] maps (N, 2, H, W) -> spatial gate gs (N, HW) and what its backward needs (N x HW or smaller)."""
+    n, _, h, w = maps.shape
+    z = (conv or torch.ops.cbam_fused.spatial_conv)(maps, wc, bc)
     mean = var = rstd = None
     if cfg.bn == "batch":
         mean = z.mean()
@@ -252,7 +257,7 @@ def _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, shape):
     return gs, maps, zhat, rstd, mean, var
 
 
-def _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):
+def _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=None):
     """d_gs (N, HW) -> gradients of the two maps (N, HW) each, dW_conv, db_conv, d_gamma, d_beta."""
     n, _, h, w = maps.shape
     d = (d_gs * gs * (1 - gs)).view(n, 1, h, w)
@@ -266,7 +271,7 @@ def _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias)
             d = (d - d.mean() - zhat * (d * zhat).mean()) * rstd
         else:
             d = d * rstd
-    d_maps, d_wc = torch.ops.cbam_fused.spatial_conv_backward(d, maps, wc)
+    d_maps, d_wc = (conv_backward or torch.ops.cbam_fused.spatial_conv_backward)(d, maps, wc)
     d_bc = d.sum().view(1) if has_conv_bias else None
     return d_maps[:, 0].reshape(n, h * w), d_maps[:, 1].reshape(n, h * w), d_wc, d_bc, d_gamma, d_beta
 
@@ -317,15 +322,45 @@ def _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, need_back
         _cast(t, cd) for t in (w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar)
     )
     small = (wc, bc, gamma, beta, rmean, rvar)
-    if torch.compiler.is_compiling():
+    path = fused_path(x)
+    if path == "traced":
         out, saved = _forward_traced(x, w1, b1, w2, b2, small, cfg)
+    elif path == "native":
+        from . import fused_cpu
+
+        out, saved = fused_cpu.forward(x, w1, b1, w2, b2, small, cfg, need_backward)
+        if saved is None:  # one operator did everything, nothing is kept
+            empty = x.new_empty(0, dtype=cd)
+            return out, empty, empty.clone(), None, path
     else:
         out, saved = _forward_eager(x, w1, b1, w2, b2, small, cfg, need_backward)
     gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd, mean, var = saved
     # two distinct tensors even when unused: one tensor returned twice from the Function confuses torch.compile
     mean = x.new_empty(0, dtype=cd) if mean is None else mean.detach()
     var = x.new_empty(0, dtype=cd) if var is None else var.detach()
-    return out, mean, var, (gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd)
+    return out, mean, var, (gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd), path
+
+
+def fused_path(x: torch.Tensor) -> str:
+    """Which formulation computes for x: 'native' (hand-written CPU kernels, ``fused_cpu.py``), 'traced' (plain tensor
+    expressions for Inductor, under torch.compile) or 'eager' (PyTorch operators on cache-sized blocks)."""
+    if _PATH_OVERRIDE is not None:
+        return _PATH_OVERRIDE
+    compiling = torch.compiler.is_compiling()
+    if x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and (NATIVE_UNDER_COMPILE or not compiling):
+        from .fused_cpu import native_available, native_loaded
+
+        # while tracing, only kernels loaded earlier (CBAM modules load them when built) can be used
+        if native_loaded() if compiling else native_available():
+            return "native"
+    return "traced" if compiling else "eager"
+
+
+NATIVE_UNDER_COMPILE = True
+_PATH_OVERRIDE: str | None = None  # tests pin one formulation
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,7 +516,9 @@ def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
                 idx_s[g0 + b0 : g0 + b1_, p0:p1] = idx
         if pipelined:
             maps_g = (savg[g0:g1], smax[g0:g1])
-            gs_g, *rest = _spatial_forward(*maps_g, wc, bc, gamma, beta, rmean, rvar, cfg, (g1 - g0, h, w))
+            gs_g, *rest = _spatial_forward(
+                _stack_maps(*maps_g, (g1 - g0, h, w)), wc, bc, gamma, beta, rmean, rvar, cfg
+            )
             gs_parts.append(gs_g)
             rest_parts.append(rest)
             for b0, b1_, c0, c1, p0, p1 in _blocks(g1 - g0, c, hw, _BLOCK_ELEMS, split):
@@ -499,7 +536,7 @@ def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
         rstd = rest_parts[0][2]
         mean = var = None
     else:
-        spatial = _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, (n, h, w))
+        spatial = _spatial_forward(_stack_maps(savg, smax, (n, h, w)), wc, bc, gamma, beta, rmean, rvar, cfg)
         gs, maps, zhat, rstd, mean, var = spatial
         for g0, g1, c0, c1, p0, p1 in _blocks(n, c, hw, _BLOCK_ELEMS, split):
             sl = (slice(g0, g1), slice(c0, c1), slice(p0, p1))
@@ -513,9 +550,15 @@ def _apply_gates(xb, ob, gc, gs):
     ob.mul_(gs.to(xb.dtype)[:, None, :])
 
 
-def _backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_bias, needs, compiled):
+def _backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_bias, needs, path):
     cd = _compute_dtype(x)
     w1c, w2c, wcc, gammac = (_cast(t, cd) for t in (w1, w2, wc, gamma))
+    if path == "native":
+        from . import fused_cpu
+
+        grads = fused_cpu.backward(dout, x, w1c, w2c, wcc, gammac, saved, cfg, has_bias[2])
+        return _grads_as_inputs(grads, x, w1, w2, wc, gamma, needs)
+    compiled = path == "traced"
     gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd = saved
     n, c, hgt, wid = x.shape
     hw = hgt * wid
@@ -542,6 +585,11 @@ def _backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_bias, needs, compiled)
             dx = _dx_eager(dout, x, gc, gs, idx_c, idx_s, d_avg, d_max, sgrads, cfg)
     d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
     grads = [dx, dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta]
+    return _grads_as_inputs(grads, x, w1, w2, wc, gamma, needs)
+
+
+def _grads_as_inputs(grads, x, w1, w2, wc, gamma, needs):
+    """Each gradient in its input's dtype; None where the input needs none."""
     dtypes = [x.dtype, w1.dtype, w1.dtype, w2.dtype, w2.dtype]
     dtypes += [None, None, None, None] if wc is None else [wc.dtype, wc.dtype]
     dtypes += [None, None] if gamma is None else [gamma.dtype, gamma.dtype]
@@ -674,7 +722,8 @@ def _forward_traced(x, w1, b1, w2, b2, small, cfg):
     savg = y.sum(lay.c_dim) / c
     smax = y.amax(lay.c_dim)
     idx_s = torch.where(y == lay.pos(smax), lay.index(c, lay.c_dim, x.device), c).amin(lay.c_dim)
-    gs, maps, zhat, rstd, mean, var = _spatial_forward(savg, smax, wc, bc, gamma, beta, rmean, rvar, cfg, (n, h, w))
+    maps = _stack_maps(savg, smax, (n, h, w))
+    gs, maps, zhat, rstd, mean, var = _spatial_forward(maps, wc, bc, gamma, beta, rmean, rvar, cfg)
     out = xb * gcx * lay.pos(gs.to(x.dtype))
     return lay.unbig(out), (gc, gs, pooled, hpre, None, idx_s, maps, zhat, rstd, mean, var)
 

@@ -1,0 +1,927 @@
+// Fused CPU kernels for CBAM (the computation they serve, and the reasons, are in ../fused_cpu.py).
+//
+// Every kernel sees a feature map as a dense (N, R, K) array whose last dimension is contiguous: R = C and K = H*W
+// for NCHW, R = H*W and K = C for channels-last. A "row" is one (n, r) run of K elements. Per-channel (N, C) and
+// per-position (N, H*W) vectors are therefore row vectors (N, R) or column vectors (N, K) depending on the layout.
+// Reductions along a row use one vector register of independent lanes; reductions across rows accumulate a block
+// of columns that stays in L1/L2. Accumulation is in at::opmath_type (float for float16 / bfloat16 / float32,
+// double for float64). Maxima keep the index of their first occurrence (only a strictly greater value replaces),
+// so backward can route each max's gradient to exactly one element; a nan anywhere in a pooled run makes its
+// maximum nan, as torch.amax does.
+//
+// Parallelism is PyTorch's own thread pool (at::parallel_for). Batches with a few samples per thread are split by
+// sample, so that a sample read once from memory is read again from the cache (channel pools, MLP and spatial
+// pools of one sample run back to back); smaller batches are split inside each sample. Partial results that
+// share an output are combined in a fixed order, so results do not depend on the number of threads.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+// Tuning (settable through cbam_cpu::configure, which the tests use to force every split and group boundary).
+int64_t kColBlock = 4096;       // columns accumulated together across rows
+int64_t kTaskElems = 1 << 15;   // smallest useful task when a sample is split into row blocks
+int64_t kGroupBytes = 8 << 20;  // samples processed together (read again from the cache)
+constexpr int64_t kMinTasks = 8;  // row blocks are added until there are this many tasks (if large enough)
+
+// ------------------------------------------------------------------------------------------------ vectors
+// GCC / Clang vector extensions: one 64-byte register of acc_t (16 floats, 8 doubles), split by the compiler into
+// narrower registers where the machine has no AVX-512. Lanes of a comparison are integers of the same width.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+using Mask = decltype(Vec<T>{} > Vec<T>{});
+template <typename T>
+using Lane = std::remove_cv_t<std::remove_reference_t<decltype(Mask<T>{}[0])>>;
+template <typename T>
+constexpr int kWidth = 64 / sizeof(T);
+
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> vload(const scalar_t* p) {
+  Vec<acc_t> v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int l = 0; l < kWidth<acc_t>; ++l) v[l] = static_cast<acc_t>(p[l]);
+  }
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Arg-max arrays hold int32; lanes of double comparisons are int64, converted lane by lane.
+template <typename T>
+inline Mask<T> vload_index(const int32_t* p) {
+  Mask<T> v;
+  if constexpr (sizeof(Lane<T>) == sizeof(int32_t)) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int l = 0; l < kWidth<T>; ++l) v[l] = p[l];
+  }
+  return v;
+}
+
+template <typename T>
+inline void vstore_index(int32_t* p, const Mask<T>& v) {
+  if constexpr (sizeof(Lane<T>) == sizeof(int32_t)) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    for (int l = 0; l < kWidth<T>; ++l) p[l] = static_cast<int32_t>(v[l]);
+  }
+}
+
+// Horizontal reductions as butterflies: after log2(lanes) exchange steps every lane holds the result (a few
+// vector instructions instead of one scalar step per lane; rows of 7 x 7 maps are short).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define CBAM_HAS_SHUFFLE 1
+#endif
+#endif
+
+template <size_t S, typename V, size_t... I>
+inline V exchange(const V& v, std::index_sequence<I...>) {
+#ifdef CBAM_HAS_SHUFFLE
+  return __builtin_shufflevector(v, v, (I ^ S)...);
+#else
+  V out;
+  ((out[I] = v[I ^ S]), ...);
+  return out;
+#endif
+}
+
+template <typename V, typename Op>
+inline V butterfly(V v, const Op& op) {
+  constexpr size_t W = sizeof(V) / sizeof(v[0]);
+  using Seq = std::make_index_sequence<W>;
+  if constexpr (W >= 16) v = op(v, exchange<8>(v, Seq{}));
+  if constexpr (W >= 8) v = op(v, exchange<4>(v, Seq{}));
+  v = op(v, exchange<2>(v, Seq{}));
+  return op(v, exchange<1>(v, Seq{}));
+}
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  return butterfly(v, [](const Vec<T>& a, const Vec<T>& b) { return a + b; })[0];
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int W = kWidth<T>;
+  Vec<T> lanes{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) lanes += vload<T>(a + i) * vload<T>(b + i);
+  T total = hsum<T>(lanes);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+template <typename T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+template <typename acc_t>
+inline void keep_nan(acc_t sum, acc_t& max) {
+  if (std::isnan(sum)) max = sum;  // a nan anywhere makes the sum nan; the strict comparisons skipped it
+}
+
+// ------------------------------------------------------------------------------------------------ parallelism
+int64_t threads() { return at::get_num_threads(); }
+
+// fn(n) for every sample: in parallel over samples when there are a few per thread (each thread then works on
+// whole samples, which stay in its caches), else one after the other (each sample's passes split its rows).
+template <typename F>
+void for_samples(int64_t n, const F& fn) {
+  const int64_t t = threads();
+  if (!at::in_parallel_region() && t > 1 && n >= 2 * t && (n % t == 0 || n >= 8 * t)) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  } else {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+  }
+}
+
+// fn(i) for i in [0, count), in parallel chunks of about kTaskElems elements (serial inside a parallel region).
+template <typename F>
+void for_range(int64_t count, int64_t elems_each, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, elems_each));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
+}
+
+// Blocks of an (N, R, K) pass: column blocks of at most kColBlock (a multiple of 16), and row blocks when there
+// would otherwise be fewer than kMinTasks tasks, keeping at least about kTaskElems elements per task. The split
+// depends on the sizes only (not on the thread count), so the order of every sum does too.
+struct Split {
+  int64_t n, r, k;
+  int64_t r_block, k_block, r_blocks, k_blocks;
+  int64_t tasks() const { return n * r_blocks * k_blocks; }
+};
+
+Split make_split(int64_t n, int64_t r, int64_t k) {
+  Split s{n, r, k, r, k, 1, 1};
+  if (k > kColBlock) {
+    s.k_blocks = (k + kColBlock - 1) / kColBlock;
+    s.k_block = ((k + s.k_blocks - 1) / s.k_blocks + 15) / 16 * 16;
+    s.k_blocks = (k + s.k_block - 1) / s.k_block;
+  }
+  const int64_t have = n * s.k_blocks;
+  if (have < kMinTasks && r > 1) {
+    int64_t blocks = (kMinTasks + have - 1) / have;
+    blocks = std::min({blocks, std::max<int64_t>(1, r * s.k_block / kTaskElems), r});
+    s.r_block = (r + blocks - 1) / blocks;
+    s.r_blocks = (r + s.r_block - 1) / s.r_block;
+  }
+  return s;
+}
+
+// fn(n, rb, kb, r0, r1, k0, k1) for every block, in parallel.
+template <typename F>
+void for_blocks(const Split& s, const F& fn) {
+  at::parallel_for(0, s.tasks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t kb = t % s.k_blocks, rb = (t / s.k_blocks) % s.r_blocks, n = t / (s.k_blocks * s.r_blocks);
+      const int64_t r0 = rb * s.r_block, k0 = kb * s.k_block;
+      fn(n, rb, kb, r0, std::min(r0 + s.r_block, s.r), k0, std::min(k0 + s.k_block, s.k));
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ checks
+void check_map(const Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), "cbam_cpu: ", what, " must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.numel() > 0, "cbam_cpu: ", what,
+              " must be a non-empty contiguous (N, R, K) tensor, got ", x.sizes());
+}
+
+void check_acc(const Tensor& v, const Tensor& x, at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(v.sizes() == shape && v.is_contiguous() && v.device().is_cpu(), "cbam_cpu: ", what,
+              " must be a contiguous CPU tensor of shape ", shape, ", got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::toOpMathType(x.scalar_type()), "cbam_cpu: ", what, " must be ",
+              at::toOpMathType(x.scalar_type()), ", got ", v.scalar_type());
+}
+
+bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+Tensor new_acc(const Tensor& x, at::IntArrayRef shape) {
+  return at::empty(shape, x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+Tensor new_index(const Tensor& x, at::IntArrayRef shape) { return at::empty(shape, x.options().dtype(at::kInt)); }
+
+// ------------------------------------------------------------------------------------------------ pools
+// Sum, max and first arg-max along one row of K elements (element k scaled by scale[k] when SCALE).
+template <typename scalar_t, typename acc_t, bool SCALE, bool ARG>
+inline void pool_row(const scalar_t* x, const acc_t* scale, int64_t K, acc_t& sum_out, acc_t& max_out,
+                     int32_t* arg_out) {
+  constexpr int W = kWidth<acc_t>;
+  using V = Vec<acc_t>;
+  using M = Mask<acc_t>;
+  using I = Lane<acc_t>;
+  auto load1 = [&](int64_t k) {
+    acc_t v = static_cast<acc_t>(x[k]);
+    if constexpr (SCALE) v *= scale[k];
+    return v;
+  };
+  auto loadv = [&](int64_t k) {
+    V v = vload<acc_t>(x + k);
+    if constexpr (SCALE) v *= vload<acc_t>(scale + k);
+    return v;
+  };
+  if (K < W) {
+    acc_t s = load1(0), m = s;
+    int32_t a = 0;
+    for (int64_t k = 1; k < K; ++k) {
+      const acc_t v = load1(k);
+      s += v;
+      if (v > m) m = v, a = static_cast<int32_t>(k);
+    }
+    keep_nan(s, m);
+    sum_out = s, max_out = m;
+    if constexpr (ARG) *arg_out = a;
+    return;
+  }
+  M lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  V s = loadv(0), m = s;
+  M a = lane;
+  int64_t k = W;
+  for (; k + W <= K; k += W) {
+    const V v = loadv(k);
+    s += v;
+    const M greater = v > m;
+    m = greater ? v : m;
+    if constexpr (ARG) a = greater ? lane + static_cast<I>(k) : a;
+  }
+  const V top = butterfly(m, [](const V& p, const V& q) { return q > p ? q : p; });
+  acc_t total = hsum<acc_t>(s), best = top[0];
+  I first = std::numeric_limits<I>::max();
+  if constexpr (ARG) {  // the smallest index among the lanes holding the maximum
+    const M candidates = m == top ? a : M{} + std::numeric_limits<I>::max();
+    first = butterfly(candidates, [](const M& p, const M& q) { return q < p ? q : p; })[0];
+  }
+  for (; k < K; ++k) {  // tail, in index order after every lane: only a strictly greater value replaces
+    const acc_t v = load1(k);
+    total += v;
+    if (v > best) best = v, first = static_cast<I>(k);
+  }
+  keep_nan(total, best);
+  sum_out = total, max_out = best;
+  if constexpr (ARG) *arg_out = first == std::numeric_limits<I>::max() ? 0 : static_cast<int32_t>(first);
+}
+
+// Rows [r0, r1) of one sample, columns [k0, k1): sum, max and first arg-max (a row index) across the rows, into
+// sum / max / arg (indexed from column k0). Row r is scaled by rowv[r] when SCALE.
+template <typename scalar_t, typename acc_t, bool SCALE, bool ARG>
+void pool_block(const scalar_t* x, const acc_t* rowv, int64_t K, int64_t r0, int64_t r1, int64_t k0, int64_t k1,
+                acc_t* sum, acc_t* max, int32_t* arg) {
+  constexpr int W = kWidth<acc_t>;
+  using V = Vec<acc_t>;
+  using M = Mask<acc_t>;
+  const int64_t len = k1 - k0;
+  {
+    const scalar_t* row = x + r0 * K + k0;
+    const acc_t sc = SCALE ? rowv[r0] : acc_t(1);
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t v = static_cast<acc_t>(row[j]);
+      if constexpr (SCALE) v *= sc;
+      sum[j] = v, max[j] = v;
+      if constexpr (ARG) arg[j] = static_cast<int32_t>(r0);
+    }
+  }
+  // Four rows per sweep over the accumulators (a quarter of their loads and stores). Within the four, the earlier
+  // row keeps ties; only a strictly greater value replaces the accumulator.
+  int64_t r = r0 + 1;
+  for (; r + 4 <= r1; r += 4) {
+    const scalar_t* row = x + r * K + k0;
+    acc_t sc[4];
+    for (int i = 0; i < 4; ++i) sc[i] = SCALE ? rowv[r + i] : acc_t(1);
+    const M i0 = M{} + static_cast<Lane<acc_t>>(r);
+    int64_t j = 0;
+    for (; j + W <= len; j += W) {
+      V v0 = vload<acc_t>(row + j), v1 = vload<acc_t>(row + K + j);
+      V v2 = vload<acc_t>(row + 2 * K + j), v3 = vload<acc_t>(row + 3 * K + j);
+      if constexpr (SCALE) v0 *= sc[0], v1 *= sc[1], v2 *= sc[2], v3 *= sc[3];
+      vstore<acc_t>(sum + j, vload<acc_t>(sum + j) + ((v0 + v1) + (v2 + v3)));
+      const M b01 = v1 > v0, b23 = v3 > v2;
+      const V m01 = b01 ? v1 : v0, m23 = b23 ? v3 : v2;
+      const M b = m23 > m01;
+      const V m = b ? m23 : m01;
+      V mv = vload<acc_t>(max + j);
+      const M greater = m > mv;
+      vstore<acc_t>(max + j, greater ? m : mv);
+      if constexpr (ARG) {
+        const M a01 = b01 ? i0 + 1 : i0, a23 = b23 ? i0 + 3 : i0 + 2;
+        const M ai = b ? a23 : a01;
+        vstore_index<acc_t>(arg + j, greater ? ai : vload_index<acc_t>(arg + j));
+      }
+    }
+    for (; j < len; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        acc_t v = static_cast<acc_t>(row[i * K + j]);
+        if constexpr (SCALE) v *= sc[i];
+        sum[j] += v;
+        if (v > max[j]) {
+          max[j] = v;
+          if constexpr (ARG) arg[j] = static_cast<int32_t>(r + i);
+        }
+      }
+    }
+  }
+  for (; r < r1; ++r) {
+    const scalar_t* row = x + r * K + k0;
+    const acc_t sc = SCALE ? rowv[r] : acc_t(1);
+    for (int64_t j = 0; j < len; ++j) {
+      acc_t v = static_cast<acc_t>(row[j]);
+      if constexpr (SCALE) v *= sc;
+      sum[j] += v;
+      if (v > max[j]) {
+        max[j] = v;
+        if constexpr (ARG) arg[j] = static_cast<int32_t>(r);
+      }
+    }
+  }
+}
+
+// Pools of each of one sample's R rows (along K); colv scales column k when given.
+template <typename scalar_t, typename acc_t, bool ARG>
+void sample_pool_rows(const scalar_t* x, const acc_t* colv, int64_t R, int64_t K, acc_t* sum, acc_t* max,
+                      int32_t* arg) {
+  for_range(R, K, [&](int64_t r) {
+    int32_t* a = ARG ? arg + r : nullptr;
+    if (colv)
+      pool_row<scalar_t, acc_t, true, ARG>(x + r * K, colv, K, sum[r], max[r], a);
+    else
+      pool_row<scalar_t, acc_t, false, ARG>(x + r * K, nullptr, K, sum[r], max[r], a);
+  });
+}
+
+// Pools of each of one sample's K columns (across the R rows); rowv scales row r when given.
+template <typename scalar_t, typename acc_t, bool ARG>
+void sample_pool_cols(const scalar_t* x, const acc_t* rowv, int64_t R, int64_t K, acc_t* sum, acc_t* max,
+                      int32_t* arg) {
+  const Split s = make_split(1, R, K);
+  auto block = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1, acc_t* sp, acc_t* mp, int32_t* ap) {
+    if (rowv)
+      pool_block<scalar_t, acc_t, true, ARG>(x, rowv, K, r0, r1, k0, k1, sp, mp, ap);
+    else
+      pool_block<scalar_t, acc_t, false, ARG>(x, nullptr, K, r0, r1, k0, k1, sp, mp, ap);
+  };
+  if (s.r_blocks == 1) {
+    for_blocks(s, [&](int64_t, int64_t, int64_t, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      block(r0, r1, k0, k1, sum + k0, max + k0, ARG ? arg + k0 : nullptr);
+    });
+  } else {  // row blocks into partials, then combined in row order: the first block holding the max wins ties
+    std::vector<acc_t> ps(s.r_blocks * K), pm(s.r_blocks * K);
+    std::vector<int32_t> pa(ARG ? s.r_blocks * K : 0);
+    for_blocks(s, [&](int64_t, int64_t rb, int64_t, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      const int64_t o = rb * K + k0;
+      block(r0, r1, k0, k1, ps.data() + o, pm.data() + o, ARG ? pa.data() + o : nullptr);
+    });
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t s0 = ps[k], m0 = pm[k];
+      int32_t a0 = ARG ? pa[k] : 0;
+      for (int64_t b = 1; b < s.r_blocks; ++b) {
+        s0 += ps[b * K + k];
+        if (pm[b * K + k] > m0) m0 = pm[b * K + k], a0 = ARG ? pa[b * K + k] : 0;
+      }
+      sum[k] = s0, max[k] = m0;
+      if constexpr (ARG) arg[k] = a0;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) keep_nan(sum[k], max[k]);
+}
+
+// ------------------------------------------------------------------------------------------------ the two gates
+template <typename acc_t>
+struct Mlp {
+  const acc_t *w1, *b1, *w2, *b2;  // [hidden, C], [hidden], [C, hidden], [C]; biases may be null
+  int64_t channels, hidden;
+};
+
+// Channel gates of G samples: gc = sigmoid(sum_p fc2(relu(fc1(pooled_p)))), through the library's matrix products
+// (every weight read once for the group). pooled[p] and hpre[p] (written when given) are (G, C) and (G, hidden)
+// arrays; act (G, hidden) is scratch.
+template <typename acc_t>
+void group_mlp(const Mlp<acc_t>& mlp, int64_t G, const acc_t* const* pooled, acc_t* const* hpre, int n_pools,
+               acc_t* act, acc_t* gc) {
+  const int64_t C = mlp.channels, Hd = mlp.hidden;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  auto wrap = [&](const acc_t* p, at::IntArrayRef shape) { return at::from_blob(const_cast<acc_t*>(p), shape, opts); };
+  const Tensor w1 = wrap(mlp.w1, {Hd, C}), w2 = wrap(mlp.w2, {C, Hd});
+  Tensor a = wrap(act, {G, Hd});
+  a.zero_();
+  for (int p = 0; p < n_pools; ++p) {
+    Tensor x = wrap(pooled[p], {G, C});
+    Tensor h = hpre ? wrap(hpre[p], {G, Hd}) : at::empty({G, Hd}, opts);
+    if (mlp.b1)
+      at::addmm_out(h, wrap(mlp.b1, {Hd}), x, w1.t());
+    else
+      at::mm_out(h, x, w1.t());
+    a.add_(h.clamp_min(0));  // fc2 is linear: the sum over pools of fc2 is fc2 of the summed activations (+ biases)
+  }
+  Tensor g = wrap(gc, {G, C});
+  if (mlp.b2)
+    at::addmm_out(g, wrap(mlp.b2, {C}), a, w2.t(), n_pools, 1);
+  else
+    at::mm_out(g, a, w2.t());
+  g.sigmoid_();
+}
+
+// 'same' k x k convolution of one sample's two maps (2, H, W) with a (2, k, k) weight, plus bias, into out (H, W).
+// The maps are first copied into a zero-bordered buffer whose rows are padded to whole vectors, so that every tap
+// is a run of full-vector multiply-adds.
+template <typename acc_t>
+void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, int64_t W, acc_t bias, acc_t* out) {
+  constexpr int V = kWidth<acc_t>;
+  const int64_t pad = ks / 2, Wv = (W + V - 1) / V * V, Wp = Wv + ks - 1, Hp = H + 2 * pad;
+  std::vector<acc_t> buf(2 * Hp * Wp + Wv, acc_t(0));
+  acc_t* padded = buf.data();
+  for (int64_t ch = 0; ch < 2; ++ch)
+    for (int64_t y = 0; y < H; ++y)
+      std::copy(maps + (ch * H + y) * W, maps + (ch * H + y + 1) * W, padded + (ch * Hp + y + pad) * Wp + pad);
+  acc_t* row = padded + 2 * Hp * Wp;
+  for (int64_t y = 0; y < H; ++y) {
+    for (int64_t x = 0; x < Wv; ++x) row[x] = bias;
+    for (int64_t ch = 0; ch < 2; ++ch) {
+      for (int64_t dy = 0; dy < ks; ++dy) {
+        const acc_t* src = padded + (ch * Hp + y + dy) * Wp;
+        const acc_t* w = weight + (ch * ks + dy) * ks;
+        for (int64_t dx = 0; dx < ks; ++dx)
+          for (int64_t x = 0; x < Wv; ++x) row[x] += w[dx] * src[x + dx];
+      }
+    }
+    std::copy(row, row + W, out + y * W);
+  }
+}
+
+// out = (x * chan) * pos for one sample's rows; chan (the channel gate, multiplied first as in the reference) and
+// pos (the spatial gate) are row or column vectors depending on the layout.
+template <typename scalar_t, typename acc_t>
+void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
+               int64_t K, scalar_t* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = x + r * K;
+    scalar_t* orow = out + r * K;
+    if (chan_is_row) {
+      const acc_t a = chan[r];
+      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * a * pos[k]);
+    } else {
+      const acc_t b = pos[r];
+      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * chan[k] * b);
+    }
+  }
+}
+
+struct MapShape {
+  int64_t n, c, h, w;
+  bool cl;
+  int64_t p() const { return h * w; }
+  int64_t rows() const { return cl ? h * w : c; }
+  int64_t cols() const { return cl ? c : h * w; }
+  int64_t sample() const { return c * h * w; }
+};
+
+MapShape map_shape(const Tensor& x3, int64_t height, bool channels_last) {
+  check_map(x3, "x");
+  const int64_t n = x3.size(0), c = channels_last ? x3.size(2) : x3.size(1);
+  const int64_t p = channels_last ? x3.size(1) : x3.size(2);
+  TORCH_CHECK(height > 0 && p % height == 0, "cbam_cpu: height ", height, " does not divide ", p, " positions");
+  return {n, c, height, p / height, channels_last};
+}
+
+// Samples are processed in groups of about kGroupBytes (at least 4 samples, so that threads can take whole
+// samples): each sample is read once from memory for the channel pools and again, from the cache, for the
+// spatial pools (and, at inference, for the output).
+int64_t group_size(const MapShape& s, int64_t elem_bytes) {
+  const int64_t fit = kGroupBytes / std::max<int64_t>(1, s.sample() * elem_bytes);
+  return std::min<int64_t>(s.n, std::max<int64_t>(fit, 4));
+}
+
+// Outputs of the pools of one group of G samples (rows of the batch arrays, or scratch).
+template <typename acc_t>
+struct GroupPools {
+  acc_t* pooled[2];  // (G, C) each: the avg and / or max channel descriptors, in that order
+  acc_t* hpre[2];    // (G, hidden) each, or null
+  acc_t* gc;         // (G, C)
+  acc_t* maps;       // (G, 2, H*W): channel mean and max of x * gc; null without the spatial gate
+  int32_t* idx_c;    // (G, C) first arg-max position per channel, when ARG
+  int32_t* idx_s;    // (G, H*W) first arg-max channel per position, when ARG and spatial
+};
+
+// Channel pools, channel gates and spatial pools of samples [n0, n0 + G) of x.
+template <typename scalar_t, typename acc_t, bool ARG>
+void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, const Mlp<acc_t>& mlp, bool avg,
+                 bool max, const GroupPools<acc_t>& o, acc_t* scratch) {
+  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols();
+  const int n_pools = int(avg) + int(max);
+  acc_t* sums = scratch;                      // (G, C)
+  acc_t* maxima = max ? o.pooled[n_pools - 1] : scratch + G * C;
+  acc_t* act = scratch + 2 * G * C;           // (G, hidden)
+  for_samples(G, [&](int64_t i) {
+    const scalar_t* xs = x + (n0 + i) * s.sample();
+    int32_t* ic = ARG ? o.idx_c + i * C : nullptr;
+    if (s.cl)
+      sample_pool_cols<scalar_t, acc_t, ARG>(xs, nullptr, R, K, sums + i * C, maxima + i * C, ic);
+    else
+      sample_pool_rows<scalar_t, acc_t, ARG>(xs, nullptr, R, K, sums + i * C, maxima + i * C, ic);
+    if (avg)
+      for (int64_t c = 0; c < C; ++c) o.pooled[0][i * C + c] = sums[i * C + c] / static_cast<acc_t>(P);
+  });
+  group_mlp(mlp, G, o.pooled, o.hpre[0] ? o.hpre : nullptr, n_pools, act, o.gc);
+  if (!o.maps) return;
+  for_samples(G, [&](int64_t i) {
+    const scalar_t* xs = x + (n0 + i) * s.sample();
+    acc_t *s_sum = o.maps + i * 2 * P, *s_max = s_sum + P;
+    int32_t* is = ARG ? o.idx_s + i * P : nullptr;
+    if (s.cl)
+      sample_pool_rows<scalar_t, acc_t, ARG>(xs, o.gc + i * C, R, K, s_sum, s_max, is);
+    else
+      sample_pool_cols<scalar_t, acc_t, ARG>(xs, o.gc + i * C, R, K, s_sum, s_max, is);
+    for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
+  });
+}
+
+template <typename acc_t>
+Mlp<acc_t> make_mlp(const Tensor& x, int64_t C, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                    const std::optional<Tensor>& b2) {
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, "cbam_cpu: fc1 weight must be [hidden, ", C, "], got ", w1.sizes());
+  const int64_t Hd = w1.size(0);
+  check_acc(w1, x, {Hd, C}, "fc1 weight");
+  check_acc(w2, x, {C, Hd}, "fc2 weight");
+  if (given(b1)) check_acc(*b1, x, {Hd}, "fc1 bias");
+  if (given(b2)) check_acc(*b2, x, {C}, "fc2 bias");
+  return {w1.const_data_ptr<acc_t>(), given(b1) ? b1->const_data_ptr<acc_t>() : nullptr,
+          w2.const_data_ptr<acc_t>(), given(b2) ? b2->const_data_ptr<acc_t>() : nullptr, C, Hd};
+}
+
+// Training forward, first part: the channel pools, the channel gate and the spatial pools of every sample, with
+// everything backward needs. Returns pooled (P, N, C), hpre (P, N, hidden), gc (N, C), maps (N, 2, H, W),
+// idx_c (N, C) and idx_s (N, H*W) (the last two int32; maps and idx_s are empty without the spatial gate).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gate(
+    const Tensor& x3, int64_t height, bool channels_last, const Tensor& w1, const std::optional<Tensor>& b1,
+    const Tensor& w2, const std::optional<Tensor>& b2, bool avg, bool max, bool spatial) {
+  const MapShape s = map_shape(x3, height, channels_last);
+  TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
+  const int n_pools = int(avg) + int(max);
+  const int64_t Hd = w1.size(0), N = s.n, C = s.c, P = s.p();
+  Tensor pooled = new_acc(x3, {n_pools, N, C}), hpre = new_acc(x3, {n_pools, N, Hd}), gc = new_acc(x3, {N, C});
+  Tensor maps = spatial ? new_acc(x3, {N, 2, s.h, s.w}) : new_acc(x3, {0});
+  Tensor idx_c = new_index(x3, {N, C}), idx_s = spatial ? new_index(x3, {N, P}) : new_index(x3, {0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "pools_and_channel_gate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
+    const scalar_t* xp = x3.const_data_ptr<scalar_t>();
+    acc_t *pp = pooled.mutable_data_ptr<acc_t>(), *hp = hpre.mutable_data_ptr<acc_t>();
+    const int64_t G = group_size(s, sizeof(scalar_t));
+    std::vector<acc_t> scratch(G * (2 * C + Hd));
+    for (int64_t n0 = 0; n0 < N; n0 += G) {
+      const int64_t g = std::min(G, N - n0);
+      GroupPools<acc_t> o{{pp + n0 * C, pp + (N + n0) * C},
+                          {hp + n0 * Hd, hp + (N + n0) * Hd},
+                          gc.mutable_data_ptr<acc_t>() + n0 * C,
+                          spatial ? maps.mutable_data_ptr<acc_t>() + n0 * 2 * P : nullptr,
+                          idx_c.mutable_data_ptr<int32_t>() + n0 * C,
+                          spatial ? idx_s.mutable_data_ptr<int32_t>() + n0 * P : nullptr};
+      group_pools<scalar_t, acc_t, true>(xp, s, n0, g, mlp, avg, max, o, scratch.data());
+    }
+  });
+  return {pooled, hpre, gc, maps, idx_c, idx_s};
+}
+
+// The whole module without gradients and without batch statistics, group by group while it is in the cache:
+// pools, channel gate, spatial pools, convolution (weight (1, 2, k, k), bias), the affine normalisation
+// z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the gated output.
+// Without a convolution weight the channel gate alone is applied.
+Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, const Tensor& w1,
+                         const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2, bool avg,
+                         bool max, const std::optional<Tensor>& conv_weight, const std::optional<Tensor>& conv_bias,
+                         const Tensor& norm_scale, const Tensor& norm_shift) {
+  const MapShape s = map_shape(x3, height, channels_last);
+  TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
+  const bool spatial = given(conv_weight);
+  const int64_t ks = spatial ? conv_weight->size(-1) : 0;
+  if (spatial) {
+    check_acc(*conv_weight, x3, {1, 2, ks, ks}, "conv weight");
+    TORCH_CHECK(ks % 2 == 1, "cbam_cpu: the spatial kernel size must be odd, got ", ks);
+    if (given(conv_bias)) check_acc(*conv_bias, x3, {1}, "conv bias");
+  }
+  check_acc(norm_scale, x3, {1}, "norm scale");
+  check_acc(norm_shift, x3, {1}, "norm shift");
+  Tensor out = at::empty_like(x3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = s.n, C = s.c, P = s.p(), Hd = w1.size(0);
+    const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
+    const scalar_t* xp = x3.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t* wp = spatial ? conv_weight->const_data_ptr<acc_t>() : nullptr;
+    const acc_t bias = given(conv_bias) ? conv_bias->const_data_ptr<acc_t>()[0] : acc_t(0);
+    const acc_t scale = norm_scale.const_data_ptr<acc_t>()[0], shift = norm_shift.const_data_ptr<acc_t>()[0];
+    const int64_t G = group_size(s, sizeof(scalar_t));
+    const int n_pools = int(avg) + int(max);
+    std::vector<acc_t> buf(G * (2 * C + Hd) + G * C * n_pools + G * C + G * 3 * P);
+    acc_t *scratch = buf.data(), *pooled = scratch + G * (2 * C + Hd), *gc = pooled + G * C * n_pools;
+    acc_t *maps = gc + G * C, *gs = maps + G * 2 * P;
+    if (!spatial) std::fill(gs, gs + G * P, acc_t(1));
+    for (int64_t n0 = 0; n0 < N; n0 += G) {
+      const int64_t g = std::min(G, N - n0);
+      GroupPools<acc_t> o{{pooled, pooled + G * C}, {nullptr, nullptr}, gc, spatial ? maps : nullptr, nullptr,
+                          nullptr};
+      group_pools<scalar_t, acc_t, false>(xp, s, n0, g, mlp, avg, max, o, scratch);
+      for_samples(g, [&](int64_t i) {
+        if (spatial) {
+          acc_t* gsi = gs + i * P;
+          sample_conv(maps + i * 2 * P, wp, ks, s.h, s.w, bias, gsi);
+          for (int64_t p = 0; p < P; ++p) gsi[p] = sigmoid(gsi[p] * scale + shift);
+        }
+        const int64_t base = (n0 + i) * s.sample();
+        for_range(s.rows(), s.cols(), [&](int64_t r) {
+          gate_rows(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), op + base);
+        });
+      });
+    }
+  });
+  return out;
+}
+
+// out = (x * chan) * pos for a batch; chan (N, C) and pos (N, H*W).
+Tensor gate(const Tensor& x3, const Tensor& chan, const Tensor& pos, bool channels_last) {
+  check_map(x3, "x");
+  const int64_t N = x3.size(0), R = x3.size(1), K = x3.size(2);
+  check_acc(chan, x3, {N, channels_last ? K : R}, "chan");
+  check_acc(pos, x3, {N, channels_last ? R : K}, "pos");
+  Tensor out = at::empty_like(x3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "gate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x3.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t *cp = chan.const_data_ptr<acc_t>(), *pp = pos.const_data_ptr<acc_t>();
+    const int64_t C = chan.size(1), P = pos.size(1);
+    for_range(N * R, K, [&](int64_t i) {
+      const int64_t n = i / R, r = i % R;
+      gate_rows(xp + n * R * K, cp + n * C, pp + n * P, !channels_last, r, r + 1, K, op + n * R * K);
+    });
+  });
+  return out;
+}
+
+// The k x k convolution of the pooled maps (N, 2, H, W) with a (1, 2, k, k) weight, plus an optional bias.
+Tensor spatial_conv(const Tensor& maps, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(maps.dim() == 4 && maps.size(1) == 2 && maps.is_contiguous() && maps.device().is_cpu(),
+              "cbam_cpu: maps must be a contiguous (N, 2, H, W) CPU tensor, got ", maps.sizes());
+  const int64_t N = maps.size(0), H = maps.size(2), W = maps.size(3), ks = weight.size(-1);
+  TORCH_CHECK(ks % 2 == 1 && weight.sizes() == at::IntArrayRef({1, 2, ks, ks}) && weight.is_contiguous() &&
+                  weight.scalar_type() == maps.scalar_type(),
+              "cbam_cpu: weight must be a contiguous (1, 2, k, k) tensor with odd k, of the maps' dtype");
+  Tensor out = at::empty({N, 1, H, W}, maps.options());
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "spatial_conv", [&] {
+    const scalar_t *mp = maps.const_data_ptr<scalar_t>(), *wp = weight.const_data_ptr<scalar_t>();
+    const scalar_t b = given(bias) ? bias->to(maps.scalar_type()).const_data_ptr<scalar_t>()[0] : scalar_t(0);
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_samples(N, [&](int64_t n) { sample_conv(mp + n * 2 * H * W, wp, ks, H, W, b, op + n * H * W); });
+  });
+  return out;
+}
+
+// Gradients of spatial_conv (without its bias) for the output gradient d (N, 1, H, W): d_maps and d_weight.
+std::tuple<Tensor, Tensor> spatial_conv_backward(const Tensor& d, const Tensor& maps, const Tensor& weight) {
+  TORCH_CHECK(maps.dim() == 4 && maps.size(1) == 2 && maps.is_contiguous(), "cbam_cpu: maps must be (N, 2, H, W)");
+  const int64_t N = maps.size(0), H = maps.size(2), W = maps.size(3), ks = weight.size(-1), pad = ks / 2;
+  TORCH_CHECK(d.sizes() == at::IntArrayRef({N, 1, H, W}) && d.is_contiguous() && d.scalar_type() == maps.scalar_type(),
+              "cbam_cpu: d must be a contiguous (N, 1, H, W) tensor of the maps' dtype");
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({1, 2, ks, ks}) && weight.is_contiguous() &&
+                  weight.scalar_type() == maps.scalar_type(),
+              "cbam_cpu: weight must be a contiguous (1, 2, k, k) tensor of the maps' dtype");
+  Tensor d_maps = at::empty_like(maps);
+  Tensor partial = at::zeros({N, 2 * ks * ks}, maps.options());
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "spatial_conv_backward", [&] {
+    const scalar_t *dp = d.const_data_ptr<scalar_t>(), *mp = maps.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t *gp = d_maps.mutable_data_ptr<scalar_t>(), *pp = partial.mutable_data_ptr<scalar_t>();
+    for_samples(N, [&](int64_t n) {
+      // input gradient: correlate d with the flipped kernel
+      for_range(2 * H, W * ks * ks, [&](int64_t i) {
+        const int64_t ch = i / H, y = i % H;
+        scalar_t* grow = gp + ((n * 2 + ch) * H + y) * W;
+        std::fill(grow, grow + W, scalar_t(0));
+        for (int64_t dy = 0; dy < ks; ++dy) {
+          const int64_t yy = y - dy + pad;
+          if (yy < 0 || yy >= H) continue;
+          const scalar_t* drow = dp + (n * H + yy) * W;
+          for (int64_t dx = 0; dx < ks; ++dx) {
+            const scalar_t w = wp[(ch * ks + dy) * ks + dx];
+            const int64_t lo = std::max<int64_t>(0, dx - pad), hi = std::min<int64_t>(W, W + dx - pad);
+            const scalar_t* src = drow + pad - dx;
+            for (int64_t x = lo; x < hi; ++x) grow[x] += w * src[x];
+          }
+        }
+      });
+      // weight gradient of this sample: each tap correlates d with the shifted map
+      for_range(2 * ks * ks, H * W, [&](int64_t tap) {
+        const int64_t ch = tap / (ks * ks), dy = (tap / ks) % ks, dx = tap % ks;
+        const int64_t lo = std::max<int64_t>(0, pad - dx), hi = std::min<int64_t>(W, W + pad - dx);
+        scalar_t total = 0;
+        for (int64_t y = std::max<int64_t>(0, pad - dy); y < std::min<int64_t>(H, H + pad - dy); ++y) {
+          const scalar_t* drow = dp + (n * H + y) * W;
+          const scalar_t* src = mp + ((n * 2 + ch) * H + y + dy - pad) * W + dx - pad;
+          total += dot(drow + lo, src + lo, hi - lo);
+        }
+        pp[n * 2 * ks * ks + tap] = total;
+      });
+    });
+  });
+  Tensor d_weight = partial.select(0, 0).clone();
+  for (int64_t n = 1; n < N; ++n) d_weight.add_(partial.select(0, n));
+  return {d_maps, d_weight.view({1, 2, ks, ks})};
+}
+
+// ------------------------------------------------------------------------------------------------ backward sums
+// t = a * b (or a alone). rows[r] = sum_k t * colv[k] (when ROWS); cols[k] = sum_r t * rowv[r] (when COLS).
+template <typename scalar_t, typename acc_t, bool HAS_B, bool ROWS, bool COLS>
+void cross_block(const scalar_t* a, const scalar_t* b, const acc_t* rowv, const acc_t* colv, int64_t K, int64_t r0,
+                 int64_t r1, int64_t k0, int64_t k1, acc_t* rows, acc_t* cols) {
+  constexpr int W = kWidth<acc_t>;
+  using V = Vec<acc_t>;
+  const int64_t len = k1 - k0;
+  if constexpr (COLS) std::fill(cols, cols + len, acc_t(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* ar = a + r * K + k0;
+    const scalar_t* br = HAS_B ? b + r * K + k0 : nullptr;
+    const acc_t rv = COLS ? rowv[r] : acc_t(0);
+    const acc_t* cv = ROWS ? colv + k0 : nullptr;
+    V lanes{};
+    int64_t j = 0;
+    for (; j + W <= len; j += W) {
+      V t = vload<acc_t>(ar + j);
+      if constexpr (HAS_B) t *= vload<acc_t>(br + j);
+      if constexpr (ROWS) lanes += t * vload<acc_t>(cv + j);
+      if constexpr (COLS) vstore<acc_t>(cols + j, vload<acc_t>(cols + j) + t * rv);
+    }
+    acc_t tail = 0;
+    for (; j < len; ++j) {
+      acc_t t = static_cast<acc_t>(ar[j]);
+      if constexpr (HAS_B) t *= static_cast<acc_t>(br[j]);
+      if constexpr (ROWS) tail += t * cv[j];
+      if constexpr (COLS) cols[j] += t * rv;
+    }
+    if constexpr (ROWS) rows[r] = hsum<acc_t>(lanes) + tail;
+  }
+}
+
+template <bool HAS_B, bool ROWS, bool COLS>
+std::tuple<Tensor, Tensor> cross_impl(const Tensor& a, const Tensor& b, const Tensor& rowv, const Tensor& colv) {
+  check_map(a, "a");
+  const int64_t N = a.size(0), R = a.size(1), K = a.size(2);
+  if constexpr (HAS_B) {
+    check_map(b, "b");
+    TORCH_CHECK(b.sizes() == a.sizes() && b.scalar_type() == a.scalar_type(), "cbam_cpu: a and b must match");
+  }
+  if constexpr (COLS) check_acc(rowv, a, {N, R}, "rowv");
+  if constexpr (ROWS) check_acc(colv, a, {N, K}, "colv");
+  const Split s = make_split(N, R, K);
+  Tensor rows = ROWS ? new_acc(a, {N, s.k_blocks, R}) : Tensor();
+  Tensor cols = COLS ? new_acc(a, {N, s.r_blocks, K}) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = HAS_B ? b.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* rvp = COLS ? rowv.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* cvp = ROWS ? colv.const_data_ptr<acc_t>() : nullptr;
+    acc_t* rowsp = ROWS ? rows.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* colsp = COLS ? cols.mutable_data_ptr<acc_t>() : nullptr;
+    for_blocks(s, [&](int64_t n, int64_t rb, int64_t kb, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      const int64_t base = n * R * K;
+      cross_block<scalar_t, acc_t, HAS_B, ROWS, COLS>(
+          ap + base, HAS_B ? bp + base : nullptr, COLS ? rvp + n * R : nullptr, ROWS ? cvp + n * K : nullptr, K, r0,
+          r1, k0, k1, ROWS ? rowsp + (n * s.k_blocks + kb) * R : nullptr,
+          COLS ? colsp + (n * s.r_blocks + rb) * K + k0 : nullptr);
+    });
+  });
+  auto combine = [](const Tensor& partial) {  // block partial sums, added in block order
+    Tensor total = partial.select(1, 0).clone();
+    for (int64_t i = 1; i < partial.size(1); ++i) total.add_(partial.select(1, i));
+    return total;
+  };
+  return {ROWS ? combine(rows) : Tensor(), COLS ? combine(cols) : Tensor()};
+}
+
+// rows[n, r] = sum_k a * b * colv[k] and cols[n, k] = sum_r a * b * rowv[r], from one pass over a and b.
+std::tuple<Tensor, Tensor> cross_sums(const Tensor& a, const Tensor& b, const Tensor& rowv, const Tensor& colv) {
+  return cross_impl<true, true, true>(a, b, rowv, colv);
+}
+
+// x weighted by a column vector and summed along rows ((N, R)), or by a row vector and summed over rows ((N, K)).
+Tensor weighted_sum(const Tensor& x, const Tensor& weights, bool weights_on_cols) {
+  if (weights_on_cols) return std::get<0>(cross_impl<false, true, false>(x, Tensor(), Tensor(), weights));
+  return std::get<1>(cross_impl<false, false, true>(x, Tensor(), weights, Tensor()));
+}
+
+// dx = (d * pos_mul + pos_add) * chan_mul + chan_add, with per-position (N, H*W) and per-channel (N, C) vectors.
+Tensor input_grad(const Tensor& d, const Tensor& pos_mul, const Tensor& pos_add, const Tensor& chan_mul,
+                  const Tensor& chan_add, bool channels_last) {
+  check_map(d, "dout");
+  const int64_t N = d.size(0), R = d.size(1), K = d.size(2);
+  const int64_t P = channels_last ? R : K, C = channels_last ? K : R;
+  check_acc(pos_mul, d, {N, P}, "pos_mul");
+  check_acc(pos_add, d, {N, P}, "pos_add");
+  check_acc(chan_mul, d, {N, C}, "chan_mul");
+  check_acc(chan_add, d, {N, C}, "chan_add");
+  Tensor dx = at::empty_like(d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "input_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dp = d.const_data_ptr<scalar_t>();
+    scalar_t* op = dx.mutable_data_ptr<scalar_t>();
+    const acc_t *pm = pos_mul.const_data_ptr<acc_t>(), *pa = pos_add.const_data_ptr<acc_t>();
+    const acc_t *cm = chan_mul.const_data_ptr<acc_t>(), *ca = chan_add.const_data_ptr<acc_t>();
+    for_range(N * R, K, [&](int64_t i) {
+      const scalar_t* dr = dp + i * K;
+      scalar_t* orow = op + i * K;
+      const int64_t n = i / R, r = i % R;
+      if (!channels_last) {  // row r is channel r
+        const acc_t m = cm[n * C + r], c = ca[n * C + r];
+        const acc_t *pmr = pm + n * P, *par = pa + n * P;
+        for (int64_t k = 0; k < K; ++k)
+          orow[k] = static_cast<scalar_t>((static_cast<acc_t>(dr[k]) * pmr[k] + par[k]) * m + c);
+      } else {  // row r is position r
+        const acc_t m = pm[n * P + r], c = pa[n * P + r];
+        const acc_t *cmr = cm + n * C, *car = ca + n * C;
+        for (int64_t k = 0; k < K; ++k)
+          orow[k] = static_cast<scalar_t>((static_cast<acc_t>(dr[k]) * m + c) * cmr[k] + car[k]);
+      }
+    });
+  });
+  return dx;
+}
+
+// Sets the block sizes (values <= 0 keep the current one) and returns the previous (col_block, task_elems,
+// group_bytes).
+std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t group_bytes) {
+  std::vector<int64_t> previous{kColBlock, kTaskElems, kGroupBytes};
+  if (col_block > 0) kColBlock = col_block;
+  if (task_elems > 0) kTaskElems = task_elems;
+  if (group_bytes > 0) kGroupBytes = group_bytes;
+  return previous;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cbam_cpu, m) {
+  m.def("configure(int col_block, int task_elems, int group_bytes) -> int[]", &configure);
+  m.def(
+      "pools_and_channel_gate(Tensor x, int height, bool channels_last, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "bool avg, bool max, bool spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "forward_inference(Tensor x, int height, bool channels_last, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "bool avg, bool max, Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift) -> Tensor");
+  m.def("gate(Tensor x, Tensor chan, Tensor pos, bool channels_last) -> Tensor");
+  m.def("spatial_conv(Tensor maps, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("spatial_conv_backward(Tensor d, Tensor maps, Tensor weight) -> (Tensor, Tensor)");
+  m.def("cross_sums(Tensor a, Tensor b, Tensor rowv, Tensor colv) -> (Tensor, Tensor)");
+  m.def("weighted_sum(Tensor x, Tensor weights, bool weights_on_cols) -> Tensor");
+  m.def(
+      "input_grad(Tensor d, Tensor pos_mul, Tensor pos_add, Tensor chan_mul, Tensor chan_add, bool channels_last) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cbam_cpu, CPU, m) {
+  m.impl("pools_and_channel_gate", &pools_and_channel_gate);
+  m.impl("forward_inference", &forward_inference);
+  m.impl("gate", &gate);
+  m.impl("spatial_conv", &spatial_conv);
+  m.impl("spatial_conv_backward", &spatial_conv_backward);
+  m.impl("cross_sums", &cross_sums);
+  m.impl("weighted_sum", &weighted_sum);
+  m.impl("input_grad", &input_grad);
+}

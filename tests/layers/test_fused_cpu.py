@@ -1,0 +1,123 @@
+"""The hand-written CPU kernels of the fused path: every split of the work, thread counts, and the fallback."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cbam import CBAM
+from cbam.layers import cbam_fused as fused_module
+from cbam.layers import fused_cpu
+from cbam.layers.cbam_fused import cbam_fused
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def native(monkeypatch):
+    assert fused_cpu.native_available(), fused_cpu.native_status()
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
+
+
+def _module(channels: int, seed: int = 0, **kwargs) -> CBAM:
+    torch.manual_seed(seed)
+    m = CBAM(channels, reduction=4, implementation="reference", **kwargs)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.uniform_(-0.5, 0.5)
+        if m.spatial is not None and m.spatial.norm is not None:
+            m.spatial.norm.running_mean.uniform_(-0.2, 0.2)
+            m.spatial.norm.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _outputs(m: CBAM, x: torch.Tensor, fused: bool, grad: bool):
+    x = x.detach().clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = cbam_fused(m, x) if fused else m(x)
+    if not grad:
+        return [out]
+    torch.manual_seed(5)
+    out.backward(torch.randn(out.shape))
+    return [out, x.grad, *(p.grad for p in m.parameters())]
+
+
+def _assert_close(got, expected, rel=1e-5):
+    for g, e in zip(got, expected, strict=True):
+        scale = float(e.detach().abs().max())
+        torch.testing.assert_close(g, e, rtol=rel, atol=rel * scale + 1e-12)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("shape", [(5, 24, 7, 9), (1, 40, 17, 3), (6, 4, 2, 2)])
+def test_every_split_and_group_boundary(fmt, training, grad, shape):
+    """Tiny blocks: columns split into 16-wide blocks, rows into many blocks (partial results combined), one sample
+    per group (the channel gate of each group computed on its own)."""
+    m = _module(shape[1]).train(training)
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    expected = _outputs(copy.deepcopy(m), x, fused=False, grad=grad)
+    previous = torch.ops.cbam_cpu.configure(16, 16, 1)
+    try:
+        got = _outputs(copy.deepcopy(m), x, fused=True, grad=grad)
+    finally:
+        torch.ops.cbam_cpu.configure(*previous)
+    _assert_close(got, expected)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_results_do_not_depend_on_the_thread_count(fmt):
+    m = _module(48)
+    x = torch.randn(9, 48, 12, 10).contiguous(memory_format=fmt)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            runs.append(_outputs(copy.deepcopy(m), x, fused=True, grad=True))
+            with torch.no_grad():
+                runs[-1].append(cbam_fused(copy.deepcopy(m).eval(), x))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_module_uses_the_kernels_without_gradients_too():
+    m = CBAM(16).eval()
+    assert fused_module.fused_path(torch.randn(1, 16, 4, 4)) == "native"
+    calls = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: calls.append(t) or t, lambda t: t):
+        out = m(torch.randn(2, 16, 4, 4))
+    assert out.shape == (2, 16, 4, 4) and calls == []
+
+
+def test_disabled_by_environment_falls_back_to_pytorch_operators():
+    code = (
+        "import torch; from cbam import CBAM; from cbam.layers import fused_cpu, cbam_fused as f;"
+        "print(fused_cpu.native_status()); x = torch.randn(2, 16, 5, 5, requires_grad=True);"
+        "print(f.fused_path(x)); CBAM(16)(x).sum().backward(); print(bool(torch.isfinite(x.grad).all()))"
+    )
+    env = {**os.environ, "CBAM_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:3] == ["disabled by CBAM_NATIVE=0", "eager", "True"]
+
+
+def test_model_moved_to_channels_last():
+    """``model.to(memory_format=channels_last)`` makes the 4-D convolution weight channels-last too."""
+    m = _module(16)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL)
+    expected = _outputs(copy.deepcopy(m), x, fused=False, grad=True)
+    moved = copy.deepcopy(m).to(memory_format=CL)
+    assert not moved.spatial.conv.weight.is_contiguous()
+    _assert_close(_outputs(moved, x, fused=True, grad=True), expected)
+    with torch.no_grad():
+        moved = copy.deepcopy(m).to(memory_format=CL).eval()
+        _assert_close([cbam_fused(moved, x)], [copy.deepcopy(m).eval()(x)])
