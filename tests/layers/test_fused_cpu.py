@@ -60,11 +60,12 @@ def _assert_close(got, expected, rel=1e-5):
 @pytest.mark.parametrize("shape", [(5, 24, 7, 9), (1, 40, 17, 3), (6, 4, 2, 2)])
 def test_every_split_and_group_boundary(fmt, training, grad, shape):
     """Tiny blocks: columns split into 16-wide blocks, rows into many blocks (partial results combined), one sample
-    per group (the channel gate of each group computed on its own)."""
+    per group (the channel gate of each group computed on its own), every float32 output written with streaming
+    stores (rows of any alignment)."""
     m = _module(shape[1]).train(training)
     x = torch.randn(shape).contiguous(memory_format=fmt)
     expected = _outputs(copy.deepcopy(m), x, fused=False, grad=grad)
-    previous = torch.ops.cbam_cpu.configure(16, 16, 1)
+    previous = torch.ops.cbam_cpu.configure(16, 16, 1, 1)
     try:
         got = _outputs(copy.deepcopy(m), x, fused=True, grad=grad)
     finally:

@@ -113,7 +113,7 @@ def _register_fakes() -> None:
     fake("spatial_conv_backward")(lambda d, maps, w: (torch.empty_like(maps), torch.empty_like(w)))
     fake("cross_sums")(lambda a, b, rowv, colv: (acc(a, a.shape[0], a.shape[1]), acc(a, a.shape[0], a.shape[2])))
     fake("weighted_sum")(lambda x, w, on_cols: acc(x, x.shape[0], x.shape[1] if on_cols else x.shape[2]))
-    fake("input_grad")(lambda d, pm, pa, cm, ca, channels_last: torch.empty_like(d))
+    fake("input_grad")(lambda d, *args: torch.empty_like(d))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,31 +195,30 @@ def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias):
             d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=ops.spatial_conv_backward
         )
         d_savg = sgrads[0] * (1.0 / c)
-        d_smax = sgrads[1]
+        d_smax = sgrads[1].contiguous()
         d_gc = d_gc + ops.weighted_sum(x3, d_savg, not cl)
         # the spatial max's term: each position's gradient goes to its first arg-max channel
-        idx_s = idx_s.long()
-        x_at_max = x3.gather(2, idx_s[:, :, None]).squeeze(2) if cl else x3.gather(1, idx_s[:, None, :]).squeeze(1)
-        d_gc.scatter_add_(1, idx_s, x_at_max.to(cd) * d_smax)
+        at_max = idx_s.long()
+        x_at_max = x3.gather(2, at_max[:, :, None]).squeeze(2) if cl else x3.gather(1, at_max[:, None, :]).squeeze(1)
+        d_gc.scatter_add_(1, at_max, x_at_max.to(cd) * d_smax)
     else:
         d_gc = (d3.to(cd) * x3.to(cd)).sum(1 if cl else 2)
         d_savg = gc.new_zeros((n, hw))
     d_logit = d_gc * gc * (1 - gc)
     d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_logit, pooled, hpre, w1, w2)
     d_avg = d_pooled[0] * (1.0 / hw) if cfg.avg else gc.new_zeros((n, c))
-    dx3 = ops.input_grad(d3, gs if cfg.spatial else gc.new_ones((n, hw)), d_savg, gc, d_avg, cl)
-    if cfg.spatial:
-        vals = (gc.gather(1, idx_s) * d_smax).to(x.dtype)
-        if cl:
-            dx3.scatter_add_(2, idx_s[:, :, None], vals[:, :, None])
-        else:
-            dx3.scatter_add_(1, idx_s[:, None, :], vals[:, None, :])
-    if cfg.max:
-        d_max = d_pooled[-1].to(x.dtype)
-        idx_c = idx_c.long()
-        if cl:
-            dx3.scatter_add_(1, idx_c[:, None, :], d_max[:, None, :])
-        else:
-            dx3.scatter_add_(2, idx_c[:, :, None], d_max[:, :, None])
+    # one pass writes dx, the max pools' gradients (each to its first arg-max element) included
+    dx3 = ops.input_grad(
+        d3,
+        gs if cfg.spatial else gc.new_ones((n, hw)),
+        d_savg,
+        idx_s if cfg.spatial else None,
+        d_smax if cfg.spatial else None,
+        gc,
+        d_avg,
+        idx_c if cfg.max else None,
+        d_pooled[-1] if cfg.max else None,
+        cl,
+    )
     d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
     return [_from_rows(dx3, x.shape, cl), dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta]

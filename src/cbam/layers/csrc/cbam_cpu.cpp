@@ -14,6 +14,10 @@
 // pools of one sample run back to back); smaller batches are split inside each sample. Partial results that
 // share an output are combined in a fixed order, so results do not depend on the number of threads.
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,6 +48,7 @@ using at::Tensor;
 int64_t kColBlock = 4096;       // columns accumulated together across rows
 int64_t kTaskElems = 1 << 15;   // smallest useful task when a sample is split into row blocks
 int64_t kGroupBytes = 8 << 20;  // samples processed together (read again from the cache)
+int64_t kStreamBytes = 16 << 20;  // full-size float outputs at least this large bypass the cache when written
 constexpr int64_t kMinTasks = 8;  // row blocks are added until there are this many tasks (if large enough)
 
 // ------------------------------------------------------------------------------------------------ vectors
@@ -147,6 +152,39 @@ inline T dot(const T* a, const T* b, int64_t n) {
 template <typename T>
 inline T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
+}
+
+// out[k] = one(k) for k < K, where vec(k) gives the vector of values k .. k + W - 1. With `stream` (float32 rows of
+// outputs larger than the cache) whole-vector stores bypass the cache: the output lines are not read first (a
+// third less memory traffic), and the output does not evict the input that is still to be read.
+template <typename scalar_t, typename acc_t, typename FV, typename F1>
+inline void write_row(scalar_t* out, int64_t K, bool stream, const FV& vec, const F1& one) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (stream) {
+      constexpr int W = kWidth<float>;
+      int64_t k = 0;
+      for (; k < K && reinterpret_cast<uintptr_t>(out + k) % 64 != 0; ++k) out[k] = one(k);
+      for (; k + W <= K; k += W) {
+        const Vec<float> v = vec(k);
+#if defined(__AVX512F__)
+        _mm512_stream_ps(out + k, reinterpret_cast<const __m512&>(v));
+#else
+        _mm256_stream_ps(out + k, reinterpret_cast<const __m256*>(&v)[0]);
+        _mm256_stream_ps(out + k + 8, reinterpret_cast<const __m256*>(&v)[1]);
+#endif
+      }
+      for (; k < K; ++k) out[k] = one(k);
+      _mm_sfence();  // streaming stores are weakly ordered: complete them before anyone reads the row
+      return;
+    }
+  }
+#endif
+  for (int64_t k = 0; k < K; ++k) out[k] = one(k);
+}
+
+bool stream_output(const Tensor& t) {
+  return t.scalar_type() == at::kFloat && static_cast<int64_t>(t.numel() * sizeof(float)) >= kStreamBytes;
 }
 
 template <typename acc_t>
@@ -490,16 +528,20 @@ void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, 
 // pos (the spatial gate) are row or column vectors depending on the layout.
 template <typename scalar_t, typename acc_t>
 void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
-               int64_t K, scalar_t* out) {
+               int64_t K, scalar_t* out, bool stream) {
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * K;
     scalar_t* orow = out + r * K;
     if (chan_is_row) {
       const acc_t a = chan[r];
-      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * a * pos[k]);
+      write_row<scalar_t, acc_t>(
+          orow, K, stream, [&](int64_t k) { return vload<acc_t>(xr + k) * a * vload<acc_t>(pos + k); },
+          [&](int64_t k) { return static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * a * pos[k]); });
     } else {
       const acc_t b = pos[r];
-      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * chan[k] * b);
+      write_row<scalar_t, acc_t>(
+          orow, K, stream, [&](int64_t k) { return vload<acc_t>(xr + k) * vload<acc_t>(chan + k) * b; },
+          [&](int64_t k) { return static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * chan[k] * b); });
     }
   }
 }
@@ -651,6 +693,7 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
     const acc_t scale = norm_scale.const_data_ptr<acc_t>()[0], shift = norm_shift.const_data_ptr<acc_t>()[0];
     const int64_t G = group_size(s, sizeof(scalar_t));
     const int n_pools = int(avg) + int(max);
+    const bool stream = stream_output(out);
     std::vector<acc_t> buf(G * (2 * C + Hd) + G * C * n_pools + G * C + G * 3 * P);
     acc_t *scratch = buf.data(), *pooled = scratch + G * (2 * C + Hd), *gc = pooled + G * C * n_pools;
     acc_t *maps = gc + G * C, *gs = maps + G * 2 * P;
@@ -668,7 +711,7 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
         }
         const int64_t base = (n0 + i) * s.sample();
         for_range(s.rows(), s.cols(), [&](int64_t r) {
-          gate_rows(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), op + base);
+          gate_rows(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), op + base, stream);
         });
       });
     }
@@ -689,9 +732,10 @@ Tensor gate(const Tensor& x3, const Tensor& chan, const Tensor& pos, bool channe
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t *cp = chan.const_data_ptr<acc_t>(), *pp = pos.const_data_ptr<acc_t>();
     const int64_t C = chan.size(1), P = pos.size(1);
+    const bool stream = stream_output(out);
     for_range(N * R, K, [&](int64_t i) {
       const int64_t n = i / R, r = i % R;
-      gate_rows(xp + n * R * K, cp + n * C, pp + n * P, !channels_last, r, r + 1, K, op + n * R * K);
+      gate_rows(xp + n * R * K, cp + n * C, pp + n * P, !channels_last, r, r + 1, K, op + n * R * K, stream);
     });
   });
   return out;
@@ -848,9 +892,76 @@ Tensor weighted_sum(const Tensor& x, const Tensor& weights, bool weights_on_cols
   return std::get<1>(cross_impl<false, false, true>(x, Tensor(), weights, Tensor()));
 }
 
-// dx = (d * pos_mul + pos_add) * chan_mul + chan_add, with per-position (N, H*W) and per-channel (N, C) vectors.
-Tensor input_grad(const Tensor& d, const Tensor& pos_mul, const Tensor& pos_add, const Tensor& chan_mul,
-                  const Tensor& chan_add, bool channels_last) {
+// The input gradient, written once:
+//   dx[c, p] = (d[c, p] * pos_mul[p] + pos_add[p] + (c == pos_arg[p] ? pos_max[p] : 0)) * chan_mul[c] + chan_add[c]
+//              + (p == chan_arg[c] ? chan_max[c] : 0)
+// with per-position (N, H*W) and per-channel (N, C) vectors: for CBAM, the spatial gate, the average map's
+// gradient / C, the max map's gradient routed to its arg-max channel, the channel gate, the average pool's
+// gradient / (H*W) and the max pool's gradient routed to its arg-max position. The arg-max terms are optional.
+template <typename scalar_t, typename acc_t, bool POS_MAX, bool CHAN_MAX>
+void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int64_t K, bool channels_last,
+                     const acc_t* pm, const acc_t* pa, const int32_t* parg, const acc_t* pmax, const acc_t* cm,
+                     const acc_t* ca, const int32_t* carg, const acc_t* cmax, bool stream) {
+  using V = Vec<acc_t>;
+  using M = Mask<acc_t>;
+  using I = Lane<acc_t>;
+  const int64_t P = channels_last ? R : K, C = channels_last ? K : R;
+  M lane;
+  for (int l = 0; l < kWidth<acc_t>; ++l) lane[l] = l;
+  for_range(N * R, K, [&](int64_t i) {
+    const scalar_t* dr = dp + i * K;
+    scalar_t* orow = op + i * K;
+    const int64_t n = i / R, r = i % R;
+    if (!channels_last) {  // row r is channel r, k is the position
+      const acc_t m = cm[n * C + r], c = ca[n * C + r];
+      const acc_t *pmr = pm + n * P, *par = pa + n * P;
+      const int32_t* pargr = POS_MAX ? parg + n * P : nullptr;
+      const acc_t* pmaxr = POS_MAX ? pmax + n * P : nullptr;
+      const int64_t at = CHAN_MAX ? carg[n * C + r] : -1;
+      const acc_t extra = CHAN_MAX ? cmax[n * C + r] : acc_t(0);
+      write_row<scalar_t, acc_t>(
+          orow, K, stream,
+          [&](int64_t k) {
+            V u = vload<acc_t>(dr + k) * vload<acc_t>(pmr + k) + vload<acc_t>(par + k);
+            if constexpr (POS_MAX) u += vload_index<acc_t>(pargr + k) == static_cast<I>(r) ? vload<acc_t>(pmaxr + k) : V{};
+            V v = u * m + c;
+            if constexpr (CHAN_MAX) v += lane + static_cast<I>(k) == static_cast<I>(at) ? V{} + extra : V{};
+            return v;
+          },
+          [&](int64_t k) {
+            acc_t u = static_cast<acc_t>(dr[k]) * pmr[k] + par[k];
+            if constexpr (POS_MAX) u += pargr[k] == r ? pmaxr[k] : acc_t(0);
+            return static_cast<scalar_t>(u * m + c + (k == at ? extra : acc_t(0)));
+          });
+    } else {  // row r is position r, k is the channel
+      const acc_t m = pm[n * P + r], c = pa[n * P + r];
+      const acc_t *cmr = cm + n * C, *car = ca + n * C;
+      const int64_t at = POS_MAX ? parg[n * P + r] : -1;
+      const acc_t extra = POS_MAX ? pmax[n * P + r] : acc_t(0);
+      const int32_t* cargr = CHAN_MAX ? carg + n * C : nullptr;
+      const acc_t* cmaxr = CHAN_MAX ? cmax + n * C : nullptr;
+      write_row<scalar_t, acc_t>(
+          orow, K, stream,
+          [&](int64_t k) {
+            V u = vload<acc_t>(dr + k) * m + c;
+            if constexpr (POS_MAX) u += lane + static_cast<I>(k) == static_cast<I>(at) ? V{} + extra : V{};
+            V v = u * vload<acc_t>(cmr + k) + vload<acc_t>(car + k);
+            if constexpr (CHAN_MAX) v += vload_index<acc_t>(cargr + k) == static_cast<I>(r) ? vload<acc_t>(cmaxr + k) : V{};
+            return v;
+          },
+          [&](int64_t k) {
+            const acc_t u = static_cast<acc_t>(dr[k]) * m + c + (k == at ? extra : acc_t(0));
+            acc_t v = u * cmr[k] + car[k];
+            if constexpr (CHAN_MAX) v += cargr[k] == r ? cmaxr[k] : acc_t(0);
+            return static_cast<scalar_t>(v);
+          });
+    }
+  });
+}
+
+Tensor input_grad(const Tensor& d, const Tensor& pos_mul, const Tensor& pos_add, const std::optional<Tensor>& pos_arg,
+                  const std::optional<Tensor>& pos_max, const Tensor& chan_mul, const Tensor& chan_add,
+                  const std::optional<Tensor>& chan_arg, const std::optional<Tensor>& chan_max, bool channels_last) {
   check_map(d, "dout");
   const int64_t N = d.size(0), R = d.size(1), K = d.size(2);
   const int64_t P = channels_last ? R : K, C = channels_last ? K : R;
@@ -858,6 +969,15 @@ Tensor input_grad(const Tensor& d, const Tensor& pos_mul, const Tensor& pos_add,
   check_acc(pos_add, d, {N, P}, "pos_add");
   check_acc(chan_mul, d, {N, C}, "chan_mul");
   check_acc(chan_add, d, {N, C}, "chan_add");
+  const bool pos_terms = given(pos_arg), chan_terms = given(chan_arg);
+  TORCH_CHECK(pos_terms == given(pos_max) && chan_terms == given(chan_max),
+              "cbam_cpu: each arg-max index needs its gradient and the other way round");
+  auto check_index = [&](const Tensor& t, int64_t len, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.sizes() == at::IntArrayRef({N, len}),
+                "cbam_cpu: ", what, " must be a contiguous int32 (", N, ", ", len, ") tensor");
+  };
+  if (pos_terms) check_index(*pos_arg, P, "pos_arg"), check_acc(*pos_max, d, {N, P}, "pos_max");
+  if (chan_terms) check_index(*chan_arg, C, "chan_arg"), check_acc(*chan_max, d, {N, C}, "chan_max");
   Tensor dx = at::empty_like(d);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "input_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -865,40 +985,44 @@ Tensor input_grad(const Tensor& d, const Tensor& pos_mul, const Tensor& pos_add,
     scalar_t* op = dx.mutable_data_ptr<scalar_t>();
     const acc_t *pm = pos_mul.const_data_ptr<acc_t>(), *pa = pos_add.const_data_ptr<acc_t>();
     const acc_t *cm = chan_mul.const_data_ptr<acc_t>(), *ca = chan_add.const_data_ptr<acc_t>();
-    for_range(N * R, K, [&](int64_t i) {
-      const scalar_t* dr = dp + i * K;
-      scalar_t* orow = op + i * K;
-      const int64_t n = i / R, r = i % R;
-      if (!channels_last) {  // row r is channel r
-        const acc_t m = cm[n * C + r], c = ca[n * C + r];
-        const acc_t *pmr = pm + n * P, *par = pa + n * P;
-        for (int64_t k = 0; k < K; ++k)
-          orow[k] = static_cast<scalar_t>((static_cast<acc_t>(dr[k]) * pmr[k] + par[k]) * m + c);
-      } else {  // row r is position r
-        const acc_t m = pm[n * P + r], c = pa[n * P + r];
-        const acc_t *cmr = cm + n * C, *car = ca + n * C;
-        for (int64_t k = 0; k < K; ++k)
-          orow[k] = static_cast<scalar_t>((static_cast<acc_t>(dr[k]) * m + c) * cmr[k] + car[k]);
-      }
-    });
+    const int32_t* parg = pos_terms ? pos_arg->const_data_ptr<int32_t>() : nullptr;
+    const acc_t* pmax = pos_terms ? pos_max->const_data_ptr<acc_t>() : nullptr;
+    const int32_t* carg = chan_terms ? chan_arg->const_data_ptr<int32_t>() : nullptr;
+    const acc_t* cmax = chan_terms ? chan_max->const_data_ptr<acc_t>() : nullptr;
+    const bool stream = stream_output(dx);
+auto run = [&](auto pos_max_terms, auto chan_max_terms) {
+      input_grad_rows<scalar_t, acc_t, decltype(pos_max_terms)::value, decltype(chan_max_terms)::value>(
+          dp, op, N, R, K, channels_last, pm, pa, parg, pmax, cm, ca, carg, cmax, stream);
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (pos_terms && chan_terms)
+      run(yes{}, yes{});
+    else if (pos_terms)
+      run(yes{}, no{});
+    else if (chan_terms)
+      run(no{}, yes{});
+    else
+      run(no{}, no{});
   });
   return dx;
 }
 
-// Sets the block sizes (values <= 0 keep the current one) and returns the previous (col_block, task_elems,
-// group_bytes).
-std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t group_bytes) {
-  std::vector<int64_t> previous{kColBlock, kTaskElems, kGroupBytes};
+// Sets the tuning values (values <= 0 keep the current one) and returns the previous (col_block, task_elems,
+// group_bytes, stream_bytes).
+std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t group_bytes, int64_t stream_bytes) {
+  std::vector<int64_t> previous{kColBlock, kTaskElems, kGroupBytes, kStreamBytes};
   if (col_block > 0) kColBlock = col_block;
   if (task_elems > 0) kTaskElems = task_elems;
   if (group_bytes > 0) kGroupBytes = group_bytes;
+  if (stream_bytes > 0) kStreamBytes = stream_bytes;
   return previous;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(cbam_cpu, m) {
-  m.def("configure(int col_block, int task_elems, int group_bytes) -> int[]", &configure);
+  m.def("configure(int col_block, int task_elems, int group_bytes, int stream_bytes) -> int[]", &configure);
   m.def(
       "pools_and_channel_gate(Tensor x, int height, bool channels_last, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
       "bool avg, bool max, bool spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -911,8 +1035,8 @@ TORCH_LIBRARY(cbam_cpu, m) {
   m.def("cross_sums(Tensor a, Tensor b, Tensor rowv, Tensor colv) -> (Tensor, Tensor)");
   m.def("weighted_sum(Tensor x, Tensor weights, bool weights_on_cols) -> Tensor");
   m.def(
-      "input_grad(Tensor d, Tensor pos_mul, Tensor pos_add, Tensor chan_mul, Tensor chan_add, bool channels_last) "
-      "-> Tensor");
+      "input_grad(Tensor d, Tensor pos_mul, Tensor pos_add, Tensor? pos_arg, Tensor? pos_max, Tensor chan_mul, "
+      "Tensor chan_add, Tensor? chan_arg, Tensor? chan_max, bool channels_last) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cbam_cpu, CPU, m) {
