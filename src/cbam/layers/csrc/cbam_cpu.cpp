@@ -497,31 +497,56 @@ void group_mlp(const Mlp<acc_t>& mlp, int64_t G, const acc_t* const* pooled, acc
   g.sigmoid_();
 }
 
-// 'same' k x k convolution of one sample's two maps (2, H, W) with a (2, k, k) weight, plus bias, into out (H, W).
-// The maps are first copied into a zero-bordered buffer whose rows are padded to whole vectors, so that every tap
-// is a run of full-vector multiply-adds.
+// Zero-bordered copy of `maps` (m, H, W) for a k x k 'same' correlation: rows padded to whole groups of four
+// vectors plus the kernel's reach, so every tap of every output row is a run of full-vector multiply-adds.
+template <typename acc_t>
+struct Padded {
+  static constexpr int kBlock = 4 * kWidth<acc_t>;
+  int64_t pad, Wv, Wp, Hp;
+  std::vector<acc_t> buf;
+  Padded(const acc_t* maps, int64_t m, int64_t ks, int64_t H, int64_t W)
+      : pad(ks / 2), Wv((W + kBlock - 1) / kBlock * kBlock), Wp(Wv + ks - 1), Hp(H + ks - 1), buf(m * Hp * Wp) {
+    for (int64_t c = 0; c < m; ++c)
+      for (int64_t y = 0; y < H; ++y)
+        std::copy(maps + (c * H + y) * W, maps + (c * H + y + 1) * W, row(c, y + pad) + pad);
+  }
+  acc_t* row(int64_t c, int64_t y) { return buf.data() + (c * Hp + y) * Wp; }
+};
+
+// out[co] = bias + sum_ci correlate(in[ci], weight[co][ci]) ('same', k x k) for one sample: cin input maps and
+// cout output maps of (H, W); weight is [cout][cin][k][k]. Four independent vector accumulators per group of
+// columns stay in registers over all taps.
+template <typename acc_t>
+void correlate(const acc_t* in, int64_t cin, const acc_t* weight, int64_t cout, int64_t ks, int64_t H, int64_t W,
+               acc_t bias, acc_t* out) {
+  constexpr int V = kWidth<acc_t>, B = 4;
+  using Vc = Vec<acc_t>;
+  Padded<acc_t> p(in, cin, ks, H, W);
+  std::vector<acc_t> row(p.Wv);
+  for (int64_t co = 0; co < cout; ++co) {
+    for (int64_t y = 0; y < H; ++y) {
+      for (int64_t x0 = 0; x0 < p.Wv; x0 += B * V) {
+        Vc acc[B];
+        for (int b = 0; b < B; ++b) acc[b] = Vc{} + bias;
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          for (int64_t dy = 0; dy < ks; ++dy) {
+            const acc_t* src = p.row(ci, y + dy) + x0;
+            const acc_t* w = weight + ((co * cin + ci) * ks + dy) * ks;
+            for (int64_t dx = 0; dx < ks; ++dx)
+              for (int b = 0; b < B; ++b) acc[b] += w[dx] * vload<acc_t>(src + b * V + dx);
+          }
+        }
+        for (int b = 0; b < B; ++b) vstore<acc_t>(row.data() + x0 + b * V, acc[b]);
+      }
+      std::copy(row.begin(), row.begin() + W, out + (co * H + y) * W);
+    }
+  }
+}
+
+// The spatial convolution of one sample: maps (2, H, W), weight (2, k, k), plus bias, into out (H, W).
 template <typename acc_t>
 void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, int64_t W, acc_t bias, acc_t* out) {
-  constexpr int V = kWidth<acc_t>;
-  const int64_t pad = ks / 2, Wv = (W + V - 1) / V * V, Wp = Wv + ks - 1, Hp = H + 2 * pad;
-  std::vector<acc_t> buf(2 * Hp * Wp + Wv, acc_t(0));
-  acc_t* padded = buf.data();
-  for (int64_t ch = 0; ch < 2; ++ch)
-    for (int64_t y = 0; y < H; ++y)
-      std::copy(maps + (ch * H + y) * W, maps + (ch * H + y + 1) * W, padded + (ch * Hp + y + pad) * Wp + pad);
-  acc_t* row = padded + 2 * Hp * Wp;
-  for (int64_t y = 0; y < H; ++y) {
-    for (int64_t x = 0; x < Wv; ++x) row[x] = bias;
-    for (int64_t ch = 0; ch < 2; ++ch) {
-      for (int64_t dy = 0; dy < ks; ++dy) {
-        const acc_t* src = padded + (ch * Hp + y + dy) * Wp;
-        const acc_t* w = weight + (ch * ks + dy) * ks;
-        for (int64_t dx = 0; dx < ks; ++dx)
-          for (int64_t x = 0; x < Wv; ++x) row[x] += w[dx] * src[x + dx];
-      }
-    }
-    std::copy(row, row + W, out + y * W);
-  }
+  correlate(maps, 2, weight, 1, ks, H, W, bias, out);
 }
 
 // out = (x * chan) * pos for one sample's rows; chan (the channel gate, multiplied first as in the reference) and
@@ -774,36 +799,31 @@ std::tuple<Tensor, Tensor> spatial_conv_backward(const Tensor& d, const Tensor& 
     const scalar_t *dp = d.const_data_ptr<scalar_t>(), *mp = maps.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t *gp = d_maps.mutable_data_ptr<scalar_t>(), *pp = partial.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t> flipped(2 * ks * ks);  // [2][1][k][k]: the input gradient correlates d with these
+    for (int64_t ch = 0; ch < 2; ++ch)
+      for (int64_t t = 0; t < ks * ks; ++t) flipped[ch * ks * ks + t] = wp[ch * ks * ks + ks * ks - 1 - t];
     for_samples(N, [&](int64_t n) {
-      // input gradient: correlate d with the flipped kernel
-      for_range(2 * H, W * ks * ks, [&](int64_t i) {
-        const int64_t ch = i / H, y = i % H;
-        scalar_t* grow = gp + ((n * 2 + ch) * H + y) * W;
-        std::fill(grow, grow + W, scalar_t(0));
-        for (int64_t dy = 0; dy < ks; ++dy) {
-          const int64_t yy = y - dy + pad;
-          if (yy < 0 || yy >= H) continue;
-          const scalar_t* drow = dp + (n * H + yy) * W;
-          for (int64_t dx = 0; dx < ks; ++dx) {
-            const scalar_t w = wp[(ch * ks + dy) * ks + dx];
-            const int64_t lo = std::max<int64_t>(0, dx - pad), hi = std::min<int64_t>(W, W + dx - pad);
-            const scalar_t* src = drow + pad - dx;
-            for (int64_t x = lo; x < hi; ++x) grow[x] += w * src[x];
+      correlate(dp + n * H * W, 1, flipped.data(), 2, ks, H, W, scalar_t(0), gp + n * 2 * H * W);
+      // weight gradient of this sample: tap (ch, dy, dx) sums d[y, x] * map[ch][y + dy - pad, x + dx - pad]
+      constexpr int V = kWidth<scalar_t>;
+      using Vc = Vec<scalar_t>;
+      Padded<scalar_t> m(mp + n * 2 * H * W, 2, ks, H, W);
+      std::vector<scalar_t> drow(m.Wv, scalar_t(0));
+      std::vector<Vc> acc(2 * ks * ks, Vc{});
+      for (int64_t y = 0; y < H; ++y) {
+        std::copy(dp + (n * H + y) * W, dp + (n * H + y + 1) * W, drow.begin());
+        for (int64_t ch = 0; ch < 2; ++ch) {
+          for (int64_t dy = 0; dy < ks; ++dy) {
+            const scalar_t* src = m.row(ch, y + dy);
+            for (int64_t dx = 0; dx < ks; ++dx) {
+              Vc a = acc[(ch * ks + dy) * ks + dx];
+              for (int64_t x = 0; x < m.Wv; x += V) a += vload<scalar_t>(drow.data() + x) * vload<scalar_t>(src + x + dx);
+              acc[(ch * ks + dy) * ks + dx] = a;
+            }
           }
         }
-      });
-      // weight gradient of this sample: each tap correlates d with the shifted map
-      for_range(2 * ks * ks, H * W, [&](int64_t tap) {
-        const int64_t ch = tap / (ks * ks), dy = (tap / ks) % ks, dx = tap % ks;
-        const int64_t lo = std::max<int64_t>(0, pad - dx), hi = std::min<int64_t>(W, W + pad - dx);
-        scalar_t total = 0;
-        for (int64_t y = std::max<int64_t>(0, pad - dy); y < std::min<int64_t>(H, H + pad - dy); ++y) {
-          const scalar_t* drow = dp + (n * H + y) * W;
-          const scalar_t* src = mp + ((n * 2 + ch) * H + y + dy - pad) * W + dx - pad;
-          total += dot(drow + lo, src + lo, hi - lo);
-        }
-        pp[n * 2 * ks * ks + tap] = total;
-      });
+      }
+      for (int64_t t = 0; t < 2 * ks * ks; ++t) pp[n * 2 * ks * ks + t] = hsum<scalar_t>(acc[t]);
     });
   });
   Tensor d_weight = partial.select(0, 0).clone();
