@@ -364,3 +364,21 @@ def test_fused_by_default_and_without_gradients_only_with_the_native_kernels(mon
         torch.testing.assert_close(m(x), out)
     assert calls == ([1, 1] if formulation == "native" else [1])
     assert CBAM(16, 4, implementation="reference").implementation == "reference"
+
+
+def test_residual_relu_is_the_block_tail_and_hooks_still_see_the_module_output():
+    torch.manual_seed(9)
+    m = CBAM(16, 4)
+    x, shortcut = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    expected = torch.relu(m.forward_reference(x) + shortcut)
+    torch.testing.assert_close(m.residual_relu(x, shortcut), expected)  # fused: addition and ReLU inside
+    seen = []
+    handle = m.register_forward_hook(lambda mod, args, out: seen.append(out))
+    torch.testing.assert_close(m.residual_relu(x, shortcut), expected)
+    handle.remove()
+    assert len(seen) == 1  # observed: the module ran on its own, and the hook saw CBAM's output
+    torch.testing.assert_close(seen[0], m.forward_reference(x))
+    unfused = CBAM(16, 4, fuse_residual=False)
+    unfused.load_state_dict(m.state_dict())
+    torch.testing.assert_close(unfused.residual_relu(x, shortcut), expected)
+    assert "fuse_residual=False" in repr(unfused)

@@ -454,3 +454,74 @@ def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(monkeyp
     _close(xc.grad, ref[1], 1e-5)
     for k, p in fm.named_parameters():
         _close(p.grad, ref[2][k], 1e-5, 0.01 * max(float(g.abs().max()) for g in ref[2].values()))
+
+
+# ---------------------------------------------------------------- the tail of a residual block: relu(cbam(x) + r)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kwargs", [{}, {"spatial": False}], ids=["cbam", "channel_only"])
+def test_residual_addition_and_relu(path, fmt, training, kwargs):
+    m = _make(16, **kwargs).train(training)
+    x = _x((3, 16, 6, 5), fmt=fmt)
+    r = _x((3, 16, 6, 5), seed=4, fmt=CL if fmt == torch.contiguous_format else torch.contiguous_format)
+    dout = torch.randn(x.shape)
+    fm = copy.deepcopy(m)
+    xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+    expected = torch.relu(m(xr) + rr)
+    expected.backward(dout)
+    xf, rf = x.clone().requires_grad_(), r.clone().requires_grad_()
+    got = cbam_fused(fm, xf, residual=rf)
+    got.backward(dout)
+    assert (got == 0).any() and (got > 0).any()  # the ReLU's mask matters
+    _close(got, expected, 1e-5)
+    _close(xf.grad, xr.grad, 1e-5)
+    _close(rf.grad, rr.grad, 1e-5)
+    largest = max(float(p.grad.abs().max()) for p in m.parameters())
+    for (k, p), q in zip(m.named_parameters(), fm.parameters(), strict=True):
+        if not k.endswith("conv.bias"):
+            _close(q.grad, p.grad, 1e-5, 0.01 * largest)
+    with torch.no_grad():  # eval without gradients: the native path's single operator
+        me = copy.deepcopy(m).eval()
+        _close(cbam_fused(copy.deepcopy(me), x, residual=r), torch.relu(me(x) + r), 1e-5)
+
+
+def test_residual_gradcheck_float64(path):
+    m = _make(8, reduction=2).double()
+    x = _x((2, 8, 3, 4), dtype=torch.double).requires_grad_()
+    r = _x((2, 8, 3, 4), seed=3, dtype=torch.double).requires_grad_()
+    tail = _FusedTail(m)
+    names = [k for k, _ in tail.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in tail.parameters()]
+
+    def f(x, r, *ps):
+        return torch.func.functional_call(tail, dict(zip(names, ps, strict=True)), (x, r))
+
+    assert torch.autograd.gradcheck(f, (x, r, *params), eps=1e-6, atol=1e-5)
+
+
+class _FusedTail(nn.Module):
+    def __init__(self, m: CBAM) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return cbam_fused(self.m, x, residual=r)
+
+
+def test_residual_keeps_only_the_input_and_the_output(path):
+    m = _make(64)
+    x = _x((4, 64, 12, 12)).requires_grad_()
+    r = _x((4, 64, 12, 12), seed=2).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = cbam_fused(m, x, residual=r)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() * 2 > x.numel()}
+    assert big == {x.untyped_storage().data_ptr(), out.untyped_storage().data_ptr()}
+
+
+def test_residual_must_match_the_input():
+    m = CBAM(16, 4)
+    with pytest.raises(ValueError, match="residual must match the input's shape"):
+        cbam_fused(m, torch.randn(2, 16, 4, 4), residual=torch.randn(2, 16, 4, 5))
+    with pytest.raises(ValueError, match="float64"):
+        cbam_fused(m, torch.randn(2, 16, 4, 4), residual=torch.randn(2, 16, 4, 4, dtype=torch.float64))

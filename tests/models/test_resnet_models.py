@@ -158,3 +158,22 @@ def test_zero_init_residual_and_dropout():
     assert isinstance(model.dropout, nn.Dropout) and model.dropout.p == 0.2
     with pytest.raises(ValueError, match="BasicBlock supports only groups=1"):
         create_model("resnet18", groups=32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_fused_residual_tail_gives_the_same_network(name):
+    """The fused CBAM's output pass also adds the shortcut and applies the ReLU: same outputs and gradients."""
+    torch.manual_seed(0)
+    fused = create_model(name, attention="cbam", num_classes=10)
+    plain_tail = create_model(name, attention="cbam", num_classes=10, fuse_residual=False)
+    plain_tail.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    out_a, out_b = fused(x), plain_tail(x)
+    torch.testing.assert_close(out_a, out_b)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for (k, p), q in zip(fused.named_parameters(), plain_tail.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=k)
+    fused.eval(), plain_tail.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain_tail(x))

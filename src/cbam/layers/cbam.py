@@ -201,6 +201,18 @@ class SpatialGate(nn.Module):
         return f"compress={self.compress_mode!r}"
 
 
+def _observed(module: nn.Module) -> bool:
+    """True if forward hooks (the module's own or global ones) would see the module's call."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+    )
+
+
 class CBAM(nn.Module):
     """Convolutional Block Attention Module: channel gate (``channel``) then spatial gate (``spatial``).
 
@@ -224,6 +236,9 @@ class CBAM(nn.Module):
             ``implementation`` and ``fallback_reason`` attributes and its repr say so.
         memory_efficient: inside the package's networks, recompute the block's last BatchNorm and this module
             in the backward pass instead of keeping their outputs (see ``memory.py``).
+        fuse_residual: inside the package's residual blocks, the fused path also performs the block's tail,
+            ``relu(cbam(x) + shortcut)``, in its output pass (:meth:`residual_relu`); the same numbers, one pass
+            over the block's output instead of three. ``False`` leaves the addition and the ReLU to the block.
     """
 
     def __init__(
@@ -246,12 +261,14 @@ class CBAM(nn.Module):
         gate: str | type[nn.Module] = "sigmoid",
         implementation: str = "fused",
         memory_efficient: bool = False,
+        fuse_residual: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         p = PRESETS[check_choice(name, "preset", preset, tuple(PRESETS))]
         self.requested_implementation = check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
         self.memory_efficient = bool(memory_efficient)
+        self.fuse_residual = bool(fuse_residual)
         self.preset = preset
         self.channels = check_positive_int(name, "channels", channels)
         self.arrangement = check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
@@ -320,20 +337,40 @@ class CBAM(nn.Module):
             if init == "release":
                 nn.init.zeros_(norm.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_serves(self, x: torch.Tensor) -> bool:
         # Composed of PyTorch operators, the fused path pays off when autograd would keep the reference path's
         # intermediates; with gradients off nothing is kept and the reference composition measured as fast or
         # faster (cbam bench, CPU). The hand-written CPU kernels are faster in both cases.
         # Under torch.compile with autocast on, Dynamo loses the autocast state around the fused function's
         # float32 region (the network's next convolution then sees bf16 inputs with fp32 weights); the
         # reference path is used there until that is solved. Eager autocast uses the fused path.
-        if self.implementation == "fused":
-            from .cbam_fused import cbam_fused, fused_path
+        if self.implementation != "fused":
+            return False
+        from .cbam_fused import fused_path
 
-            compiled_amp = torch.compiler.is_compiling() and torch.is_autocast_enabled(x.device.type)
-            if not compiled_amp and (torch.is_grad_enabled() or fused_path(x) == "native"):
-                return cbam_fused(self, x)
+        if torch.compiler.is_compiling() and torch.is_autocast_enabled(x.device.type):
+            return False
+        return torch.is_grad_enabled() or fused_path(x) == "native"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_serves(x):
+            from .cbam_fused import cbam_fused
+
+            return cbam_fused(self, x)
         return self.forward_reference(x)
+
+    def residual_relu(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x) + shortcut)``: the tail of a residual block whose residual branch ends with this module.
+
+        The fused path writes the block's output in its own output pass (with ``fuse_residual``, and a shortcut of
+        x's shape and dtype); otherwise the addition and the ReLU follow the module. Forward hooks on this module
+        see its own output either way: while any is registered, the module runs on its own."""
+        fits = shortcut.shape == x.shape and shortcut.dtype == x.dtype and shortcut.device == x.device
+        if self.fuse_residual and fits and not _observed(self) and self._fused_serves(x):
+            from .cbam_fused import cbam_fused
+
+            return cbam_fused(self, x, residual=shortcut)
+        return torch.relu(self(x) + shortcut)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The readable path, composed of the two gates; the fused path is tested against it."""
@@ -353,4 +390,5 @@ class CBAM(nn.Module):
         text += f"implementation={self.implementation!r}"
         if self.fallback_reason:
             text += f" (fused path unavailable: {self.fallback_reason})"
-        return text + (", memory_efficient=True" if self.memory_efficient else "")
+        text += ", memory_efficient=True" if self.memory_efficient else ""
+        return text + (", fuse_residual=False" if not self.fuse_residual else "")

@@ -118,10 +118,18 @@ def fused_supported(module: CBAM) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
-def cbam_fused(module: CBAM, x: torch.Tensor) -> torch.Tensor:
-    """Same result as module's reference forward (train and eval mode, incl. BN running-stat updates)."""
+def cbam_fused(module: CBAM, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as module's reference forward (train and eval mode, incl. BN running-stat updates).
+
+    With ``residual`` (a tensor of x's shape and dtype), ``relu(module(x) + residual)``: the tail of a residual block,
+    taken into the output pass (the hand-written CPU kernels then write the block's output directly)."""
     name = type(module).__name__
     check_feature_map(name, x, module.channels)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(
+            f"{name}: the residual must match the input's shape, dtype and device; expected {tuple(x.shape)} "
+            f"{x.dtype} on {x.device}, got {tuple(residual.shape)} {residual.dtype} on {residual.device}"
+        )
     reason = fused_supported(module)
     if reason is not None:
         raise ValueError(f"{name}: the fused path does not support {reason}")
@@ -151,11 +159,12 @@ def cbam_fused(module: CBAM, x: torch.Tensor) -> torch.Tensor:
         None if norm is None else norm.bias,
     )
     stats = (norm.running_mean, norm.running_var) if bn == "running" else (None, None)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        out, mean, var = _CBAMFunction.apply(x, *params, *stats, cfg)
+    inputs = (x, residual, *params)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        out, mean, var = _CBAMFunction.apply(*inputs, *stats, cfg)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, _, _ = _forward(x, *params, *stats, cfg, need_backward=False)
+            out, mean, var, _, _ = _forward(*inputs, *stats, cfg, need_backward=False)
     if bn == "batch":
         _update_running_stats(norm, mean, var)
     return out
@@ -176,24 +185,29 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
 
 class _CBAMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg):  # type: ignore[override]
+    def forward(ctx, x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, saved, path = _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, True)
+            out, mean, var, saved, path = _forward(
+                x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, True
+            )
         ctx.cfg = cfg
         ctx.path = path
         ctx.has_bias = (b1 is not None, b2 is not None, bc is not None)
-        ctx.save_for_backward(x, w1, w2, wc, gamma, *saved)
+        # with a residual, the ReLU's mask comes from the output (kept anyway by whatever consumes it)
+        ctx.save_for_backward(x, w1, w2, wc, gamma, out if residual is not None else None, *saved)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar):  # type: ignore[override]
-        x, w1, w2, wc, gamma, *saved = ctx.saved_tensors
+        x, w1, w2, wc, gamma, out, *saved = ctx.saved_tensors
+        d_residual = None
+        if out is not None:  # through relu(. + residual): the residual gets the masked gradient, and so does CBAM
+            dout = d_residual = torch.ops.aten.threshold_backward(dout, out, 0)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
         with torch.autocast(x.device.type, enabled=False):
-            grads = _backward(
-                dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, ctx.needs_input_grad, ctx.path
-            )
-        return (*grads, None, None, None)
+            grads = _backward(dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, needs, ctx.path)
+        return (grads[0], d_residual if ctx.needs_input_grad[1] else None, *grads[1:], None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,25 +329,30 @@ def _(d, maps, weight):
     return torch.empty_like(maps, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
-def _forward(x, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, need_backward):
-    """Returns out, batch mean, unbiased batch variance (empty unless bn == 'batch') and the tensors to save."""
+def _forward(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, need_backward):
+    """Returns out, batch mean, unbiased batch variance (empty unless bn == 'batch') and the tensors to save.
+
+    With a residual, out is relu(cbam(x) + residual) (the native kernels write it in their output pass)."""
     cd = _compute_dtype(x)
     w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar = (
         _cast(t, cd) for t in (w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar)
     )
     small = (wc, bc, gamma, beta, rmean, rvar)
     path = fused_path(x)
-    if path == "traced":
-        out, saved = _forward_traced(x, w1, b1, w2, b2, small, cfg)
-    elif path == "native":
+    if path == "native":
         from . import fused_cpu
 
-        out, saved = fused_cpu.forward(x, w1, b1, w2, b2, small, cfg, need_backward)
+        out, saved = fused_cpu.forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward)
         if saved is None:  # one operator did everything, nothing is kept
             empty = x.new_empty(0, dtype=cd)
             return out, empty, empty.clone(), None, path
     else:
-        out, saved = _forward_eager(x, w1, b1, w2, b2, small, cfg, need_backward)
+        if path == "traced":
+            out, saved = _forward_traced(x, w1, b1, w2, b2, small, cfg)
+        else:
+            out, saved = _forward_eager(x, w1, b1, w2, b2, small, cfg, need_backward)
+        if residual is not None:
+            out = torch.relu(out + residual)
     gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd, mean, var = saved
     # two distinct tensors even when unused: one tensor returned twice from the Function confuses torch.compile
     mean = x.new_empty(0, dtype=cd) if mean is None else mean.detach()

@@ -108,7 +108,7 @@ def _register_fakes() -> None:
                 x.new_empty((n, c), dtype=torch.int32), idx_s)
 
     fake("forward_inference")(lambda x, *args: torch.empty_like(x))
-    fake("gate")(lambda x, chan, pos, channels_last: torch.empty_like(x))
+    fake("gate")(lambda x, chan, pos, channels_last, residual: torch.empty_like(x))
     fake("spatial_conv")(lambda maps, w, b: maps.new_empty((maps.shape[0], 1, maps.shape[2], maps.shape[3])))
     fake("spatial_conv_backward")(lambda d, maps, w: (torch.empty_like(maps), torch.empty_like(w)))
     fake("cross_sums")(lambda a, b, rowv, colv: (acc(a, a.shape[0], a.shape[1]), acc(a, a.shape[0], a.shape[2])))
@@ -129,6 +129,10 @@ def _from_rows(t: torch.Tensor, shape: torch.Size, cl: bool) -> torch.Tensor:
     return t.view(n, h, w, c).permute(0, 3, 1, 2) if cl else t.view(n, c, h, w)
 
 
+def _format(cl: bool) -> torch.memory_format:
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _dense(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x as a dense (N, R, K) view and whether it is channels-last (other strides are copied to NCHW first)."""
     cl = _channels_last(x)
@@ -137,31 +141,33 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return _as_rows(x, cl), cl
 
 
-def forward(x, w1, b1, w2, b2, small, cfg, need_backward):
-    """Same contract as ``cbam_fused._forward_eager``: out and the small tensors backward needs."""
+def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward):
+    """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all); with
+    a residual, out is relu(cbam(x) + residual)."""
     ops = torch.ops.cbam_cpu
     wc, bc, gamma, beta, rmean, rvar = small
     wc = None if wc is None else wc.contiguous()  # a model moved to channels-last makes the 4-D weight so
     small = (wc, bc, gamma, beta, rmean, rvar)
     n, c, h, w = x.shape
     x3, cl = _dense(x)
+    res3 = None if residual is None else _as_rows(residual.contiguous(memory_format=_format(cl)), cl)
     if not need_backward and cfg.bn != "batch":
-        return _from_rows(_inference(x3, h, cl, w1, b1, w2, b2, small, cfg), x.shape, cl), None
+        return _from_rows(_inference(x3, h, cl, w1, b1, w2, b2, small, cfg, res3), x.shape, cl), None
     pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(
         x3, h, cl, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial
     )
     idx_c = idx_c if cfg.max else None
     if not cfg.spatial:
-        out3 = ops.gate(x3, gc, gc.new_ones((n, h * w)), cl)
+        out3 = ops.gate(x3, gc, gc.new_ones((n, h * w)), cl, res3)
         return _from_rows(out3, x.shape, cl), (gc, None, pooled, hpre, idx_c, None, None, None, None, None, None)
     gs, maps, zhat, rstd, mean, var = _spatial_forward(
         maps, wc, bc, gamma, beta, rmean, rvar, cfg, conv=ops.spatial_conv
     )
-    out3 = ops.gate(x3, gc, gs, cl)
+    out3 = ops.gate(x3, gc, gs, cl, res3)
     return _from_rows(out3, x.shape, cl), (gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, mean, var)
 
 
-def _inference(x3, height, cl, w1, b1, w2, b2, small, cfg):
+def _inference(x3, height, cl, w1, b1, w2, b2, small, cfg, res3):
     """The whole module in one operator, one sample at a time (no batch statistics, nothing kept for backward)."""
     wc, bc, gamma, beta, rmean, rvar = small
     one = w1.new_ones(1)
@@ -170,7 +176,7 @@ def _inference(x3, height, cl, w1, b1, w2, b2, small, cfg):
         scale = torch.rsqrt(rvar + cfg.eps) * (one if gamma is None else gamma)
         shift = (one * 0 if beta is None else beta) - rmean * scale
     return torch.ops.cbam_cpu.forward_inference(
-        x3, height, cl, w1, b1, w2, b2, cfg.avg, cfg.max, wc if cfg.spatial else None, bc, scale, shift
+        x3, height, cl, w1, b1, w2, b2, cfg.avg, cfg.max, wc if cfg.spatial else None, bc, scale, shift, res3
     )
 
 
@@ -182,7 +188,7 @@ def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias):
     n, c, h, w = x.shape
     hw = h * w
     x3, cl = _dense(x)
-    d3 = _as_rows(dout.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format), cl)
+    d3 = _as_rows(dout.contiguous(memory_format=_format(cl)), cl)
     cd = gc.dtype
     sgrads = None
     if cfg.spatial:

@@ -34,13 +34,38 @@ def _frozen_running_stats(*modules: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
+def _recomputed(fn, norm: nn.Module, attn: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(*inputs) under activation checkpointing, without a second update of the BatchNorm statistics."""
+    return checkpoint(
+        fn,
+        *inputs,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(norm, attn)),
+    )
+
+
+def _lean(attn: nn.Module, x: torch.Tensor) -> bool:
+    return getattr(attn, "memory_efficient", False) and torch.is_grad_enabled() and x.requires_grad
+
+
 def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``attn(norm(x))``, recomputed in backward instead of stored when ``attn.memory_efficient`` is set."""
-    if getattr(attn, "memory_efficient", False) and torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(
-            lambda t: attn(norm(t)),
-            x,
-            use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(norm, attn)),
-        )
+    if _lean(attn, x):
+        return _recomputed(lambda t: attn(norm(t)), norm, attn, x)
     return attn(norm(x))
+
+
+def residual_tail(norm: nn.Module, attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``relu(attn(norm(x)) + shortcut)``, the end of a residual block.
+
+    An attention module with a ``residual_relu`` method (CBAM) performs the addition and the ReLU itself: the
+    fused CBAM does it in its output pass. With ``attn.memory_efficient`` the whole tail is recomputed in backward.
+    """
+    fused = getattr(attn, "residual_relu", None)
+
+    def tail(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return fused(norm(t), s) if fused is not None else torch.relu(attn(norm(t)) + s)
+
+    if _lean(attn, x):
+        return _recomputed(tail, norm, attn, x, shortcut)
+    return tail(x, shortcut)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.memory import norm_then_attention
+from ..layers.memory import residual_tail
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -68,8 +68,7 @@ class CifarBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = norm_then_attention(self.bn2, self.attn, self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return residual_tail(self.bn2, self.attn, self.conv2(out), self.shortcut(x))
 
 
 class CifarResNet(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.memory import norm_then_attention
+from ..layers.memory import residual_tail
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -68,9 +68,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = norm_then_attention(self.bn2, self.attn, self.conv2(out))
-        # Out-of-place add: an attention module may have saved its output for backward.
-        return self.relu(out + shortcut)
+        return residual_tail(self.bn2, self.attn, self.conv2(out), shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -110,8 +108,7 @@ class Bottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = norm_then_attention(self.bn3, self.attn, self.conv3(out))
-        return self.relu(out + shortcut)
+        return residual_tail(self.bn3, self.attn, self.conv3(out), shortcut)
 
 
 class ResNet(nn.Module):

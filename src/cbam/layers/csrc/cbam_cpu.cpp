@@ -550,25 +550,57 @@ void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, 
 }
 
 // out = (x * chan) * pos for one sample's rows; chan (the channel gate, multiplied first as in the reference) and
-// pos (the spatial gate) are row or column vectors depending on the layout.
-template <typename scalar_t, typename acc_t>
+// pos (the spatial gate) are row or column vectors depending on the layout. With RES, the tail of a residual block
+// is taken into the same pass: out = relu((x * chan) * pos + res).
+template <typename scalar_t, typename acc_t, bool RES>
 void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
-               int64_t K, scalar_t* out, bool stream) {
+               int64_t K, const scalar_t* res, scalar_t* out, bool stream) {
+  using V = Vec<acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * K;
+    const scalar_t* rr = RES ? res + r * K : nullptr;
     scalar_t* orow = out + r * K;
+    auto tail_v = [&](V v, int64_t k) {
+      if constexpr (RES) {
+        v += vload<acc_t>(rr + k);
+        v = v < 0 ? V{} : v;  // a nan stays nan, as with torch.relu
+      }
+      return v;
+    };
+    auto tail_1 = [&](acc_t v, int64_t k) {
+      if constexpr (RES) {
+        v += static_cast<acc_t>(rr[k]);
+        v = v < 0 ? acc_t(0) : v;
+      }
+      return static_cast<scalar_t>(v);
+    };
     if (chan_is_row) {
       const acc_t a = chan[r];
       write_row<scalar_t, acc_t>(
-          orow, K, stream, [&](int64_t k) { return vload<acc_t>(xr + k) * a * vload<acc_t>(pos + k); },
-          [&](int64_t k) { return static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * a * pos[k]); });
+          orow, K, stream, [&](int64_t k) { return tail_v(vload<acc_t>(xr + k) * a * vload<acc_t>(pos + k), k); },
+          [&](int64_t k) { return tail_1(static_cast<acc_t>(xr[k]) * a * pos[k], k); });
     } else {
       const acc_t b = pos[r];
       write_row<scalar_t, acc_t>(
-          orow, K, stream, [&](int64_t k) { return vload<acc_t>(xr + k) * vload<acc_t>(chan + k) * b; },
-          [&](int64_t k) { return static_cast<scalar_t>(static_cast<acc_t>(xr[k]) * chan[k] * b); });
+          orow, K, stream, [&](int64_t k) { return tail_v(vload<acc_t>(xr + k) * vload<acc_t>(chan + k) * b, k); },
+          [&](int64_t k) { return tail_1(static_cast<acc_t>(xr[k]) * chan[k] * b, k); });
     }
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void gate_rows_any(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
+                   int64_t K, const scalar_t* res, scalar_t* out, bool stream) {
+  if (res)
+    gate_rows<scalar_t, acc_t, true>(x, chan, pos, chan_is_row, r0, r1, K, res, out, stream);
+  else
+    gate_rows<scalar_t, acc_t, false>(x, chan, pos, chan_is_row, r0, r1, K, nullptr, out, stream);
+}
+
+void check_residual(const std::optional<Tensor>& res, const Tensor& x3) {
+  if (!given(res)) return;
+  TORCH_CHECK(res->sizes() == x3.sizes() && res->is_contiguous() && res->scalar_type() == x3.scalar_type(),
+              "cbam_cpu: the residual must be laid out as x, with its dtype");
 }
 
 struct MapShape {
@@ -690,12 +722,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
 // The whole module without gradients and without batch statistics, group by group while it is in the cache:
 // pools, channel gate, spatial pools, convolution (weight (1, 2, k, k), bias), the affine normalisation
 // z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the gated output.
-// Without a convolution weight the channel gate alone is applied.
+// Without a convolution weight the channel gate alone is applied; with a residual, relu(out + residual) is returned.
 Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, const Tensor& w1,
                          const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2, bool avg,
                          bool max, const std::optional<Tensor>& conv_weight, const std::optional<Tensor>& conv_bias,
-                         const Tensor& norm_scale, const Tensor& norm_shift) {
+                         const Tensor& norm_scale, const Tensor& norm_shift, const std::optional<Tensor>& residual) {
   const MapShape s = map_shape(x3, height, channels_last);
+  check_residual(residual, x3);
   TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
   const bool spatial = given(conv_weight);
   const int64_t ks = spatial ? conv_weight->size(-1) : 0;
@@ -712,6 +745,7 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
     const int64_t N = s.n, C = s.c, P = s.p(), Hd = w1.size(0);
     const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
+    const scalar_t* rp = given(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t* wp = spatial ? conv_weight->const_data_ptr<acc_t>() : nullptr;
     const acc_t bias = given(conv_bias) ? conv_bias->const_data_ptr<acc_t>()[0] : acc_t(0);
@@ -736,7 +770,8 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
         }
         const int64_t base = (n0 + i) * s.sample();
         for_range(s.rows(), s.cols(), [&](int64_t r) {
-          gate_rows(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), op + base, stream);
+          gate_rows_any(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), rp ? rp + base : nullptr,
+                        op + base, stream);
         });
       });
     }
@@ -744,9 +779,11 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
   return out;
 }
 
-// out = (x * chan) * pos for a batch; chan (N, C) and pos (N, H*W).
-Tensor gate(const Tensor& x3, const Tensor& chan, const Tensor& pos, bool channels_last) {
+// out = (x * chan) * pos for a batch, chan (N, C) and pos (N, H*W); with a residual, relu(out + residual).
+Tensor gate(const Tensor& x3, const Tensor& chan, const Tensor& pos, bool channels_last,
+            const std::optional<Tensor>& residual) {
   check_map(x3, "x");
+  check_residual(residual, x3);
   const int64_t N = x3.size(0), R = x3.size(1), K = x3.size(2);
   check_acc(chan, x3, {N, channels_last ? K : R}, "chan");
   check_acc(pos, x3, {N, channels_last ? R : K}, "pos");
@@ -754,13 +791,15 @@ Tensor gate(const Tensor& x3, const Tensor& chan, const Tensor& pos, bool channe
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
+    const scalar_t* rp = given(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t *cp = chan.const_data_ptr<acc_t>(), *pp = pos.const_data_ptr<acc_t>();
     const int64_t C = chan.size(1), P = pos.size(1);
     const bool stream = stream_output(out);
     for_range(N * R, K, [&](int64_t i) {
       const int64_t n = i / R, r = i % R;
-      gate_rows(xp + n * R * K, cp + n * C, pp + n * P, !channels_last, r, r + 1, K, op + n * R * K, stream);
+      gate_rows_any(xp + n * R * K, cp + n * C, pp + n * P, !channels_last, r, r + 1, K,
+                    rp ? rp + n * R * K : nullptr, op + n * R * K, stream);
     });
   });
   return out;
@@ -1048,8 +1087,9 @@ TORCH_LIBRARY(cbam_cpu, m) {
       "bool avg, bool max, bool spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "forward_inference(Tensor x, int height, bool channels_last, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "bool avg, bool max, Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift) -> Tensor");
-  m.def("gate(Tensor x, Tensor chan, Tensor pos, bool channels_last) -> Tensor");
+      "bool avg, bool max, Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, "
+      "Tensor? residual) -> Tensor");
+  m.def("gate(Tensor x, Tensor chan, Tensor pos, bool channels_last, Tensor? residual) -> Tensor");
   m.def("spatial_conv(Tensor maps, Tensor weight, Tensor? bias) -> Tensor");
   m.def("spatial_conv_backward(Tensor d, Tensor maps, Tensor weight) -> (Tensor, Tensor)");
   m.def("cross_sums(Tensor a, Tensor b, Tensor rowv, Tensor colv) -> (Tensor, Tensor)");
