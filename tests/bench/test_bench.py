@@ -25,12 +25,23 @@ def test_bench_tiny_run_writes_json_and_ratio_tables(tmp_path, capsys):
         assert f"module/2x32x8x8/float32/fwd/{variant}" in names
         assert f"module/2x32x8x8/float32/fwd+bwd/{variant}" in names
     assert "module/2x32x8x8/float32/copy" in names
-    for variant in ("plain", "se", "cbam-reference", "cbam-fused", "cbam-fused-memory-efficient"):
+    assert result["fused_cpu_kernels"] == "loaded"
+    for variant in ("plain", "se", "cbam-reference", "cbam-fused", "cbam-fused-no-tail", "cbam-fused-memory-efficient"):
         assert f"network/cifar_resnet20/train-step/{variant}" in names
         assert result["memory"][variant]["saved_bytes"] > 0
     md = out.with_suffix(".md").read_text()
-    assert "x copy" in md and "x plain" in md and "saved for backward" in md
+    assert "x copy" in md and "x plain" in md and "saved for backward" in md and "Fused CPU kernels: loaded" in md
     assert "allocator" in capsys.readouterr().out
+
+
+def test_bench_times_inductors_formulation_of_the_fused_path_when_compiling(tmp_path):
+    """With the native kernels loaded, the compiled cases include the fused path lowered by Inductor itself."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--allocator", "current", "--shapes", "2x32x8x8", "--no-networks", "--rounds", "5",
+                 "--min-seconds", "0", "--output", str(out)]) == 0
+    names = set(json.loads(out.read_text())["cases"])
+    for variant in ("cbam-fused-compiled", "cbam-fused-inductor", "se-compiled"):
+        assert f"module/2x32x8x8/float32/fwd+bwd/{variant}" in names
 
 
 def test_saved_bytes_counts_each_storage_once():

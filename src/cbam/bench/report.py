@@ -45,8 +45,9 @@ def module_tables(result: dict[str, Any]) -> list[str]:
 
 
 def _variant_order(v: str) -> tuple[int, str]:
-    order = ["cbam-reference", "cbam-fused", "cbam-fused-compiled", "se", "se-compiled", "timm-cbam",
-             "timm-cbam-compiled", "plain", "plain-compiled", "cbam-fused-memory-efficient"]
+    order = ["cbam-reference", "cbam-fused", "cbam-fused-compiled", "cbam-fused-inductor", "se", "se-compiled",
+             "timm-cbam", "timm-cbam-compiled", "plain", "plain-compiled", "cbam-fused-no-tail",
+             "cbam-fused-memory-efficient"]
     return (order.index(v) if v in order else len(order), v)
 
 
@@ -113,6 +114,9 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     for result in results:
         out.append(f"## {result['device']}, allocator: {result['allocator']} (torch {result['torch']}, "
                    f"{result['threads']} threads, {result['machine']['cpus']} CPUs, {result['machine']['platform']})")
+        kernels = result.get("fused_cpu_kernels")
+        if kernels:
+            out.append(f"Fused CPU kernels: {kernels}.")
         out += module_tables(result)
         net = network_table(result)
         if net:

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import CBAM, SE
+from ..layers import cbam_fused as fused_module
 from ..layers.cbam_fused import cbam_fused
+from ..layers.fused_cpu import native_status
 from ..models import create_model
 
 MODULE_SHAPES = {
@@ -77,22 +79,43 @@ def saved_bytes(step: Callable[[], Any]) -> int:
 
 # ------------------------------------------------------------------------------------------ cases
 class _FusedOnly(nn.Module):
-    """CBAM through its fused path even without gradients (the module itself then uses the reference path)."""
+    """CBAM through its fused path even without gradients (without the native CPU kernels the module itself would
+    use the reference composition there). ``formulation`` pins one formulation of the fused path for this module's
+    calls (``"traced"``: the plain expressions Inductor compiles, instead of the native kernels)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, formulation: str | None = None) -> None:
         super().__init__()
         self.cbam = CBAM(channels, implementation="fused")
+        self.formulation = formulation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cbam_fused(self.cbam, x)
 
 
-def _module_variants(channels: int, timm_ok: bool) -> dict[str, Callable[[], nn.Module]]:
+def _pinned(fn: Callable[[], Any], formulation: str | None) -> Callable[[], Any]:
+    """fn with the fused path's formulation pinned while it runs (and compiles)."""
+    if formulation is None:
+        return fn
+
+    def run():
+        previous = fused_module._PATH_OVERRIDE
+        fused_module._PATH_OVERRIDE = formulation
+        try:
+            return fn()
+        finally:
+            fused_module._PATH_OVERRIDE = previous
+
+    return run
+
+
+def _module_variants(channels: int, timm_ok: bool, native: bool) -> dict[str, Callable[[], nn.Module]]:
     variants: dict[str, Callable[[], nn.Module]] = {
         "cbam-reference": lambda: CBAM(channels, implementation="reference"),
         "cbam-fused": lambda: _FusedOnly(channels),
         "se": lambda: SE(channels),
     }
+    if native:  # compiled, the fused path also has Inductor's own lowering of its plain formulation
+        variants["cbam-fused-inductor"] = lambda: _FusedOnly(channels, "traced")
     if timm_ok:
         from timm.layers.cbam import CbamModule
 
@@ -100,7 +123,7 @@ def _module_variants(channels: int, timm_ok: bool) -> dict[str, Callable[[], nn.
     return variants
 
 
-def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool) -> list[Case]:
+def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool, native: bool) -> list[Case]:
     cases: list[Case] = []
     for shape in shapes:
         for dtype in dtypes:
@@ -109,11 +132,12 @@ def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool) -
             y = torch.empty_like(x)
             grad = torch.randn_like(x)
             cases.append(Case(f"module/{tag}/copy", lambda x=x, y=y: y.copy_(x), f"module/{tag}"))
-            for name, make in _module_variants(shape[1], timm_ok).items():
+            for name, make in _module_variants(shape[1], timm_ok, native).items():
                 module = make().to(device=device, dtype=dtype)
-                runs = [(name, module)]
+                formulation = getattr(module, "formulation", None)
+                runs = [] if formulation else [(name, module)]
                 if compile_modules and name != "cbam-reference":
-                    runs.append((f"{name}-compiled", torch.compile(copy.deepcopy(module))))
+                    runs.append((f"{name}-compiled" if not formulation else name, torch.compile(copy.deepcopy(module))))
                 for label, m in runs:
                     xg = x.clone().requires_grad_(True)
 
@@ -125,8 +149,8 @@ def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool) -
                         m(xg).backward(grad)
                         xg.grad = None
 
-                    cases.append(Case(f"module/{tag}/fwd/{label}", fwd, f"module/{tag}"))
-                    cases.append(Case(f"module/{tag}/fwd+bwd/{label}", fwd_bwd, f"module/{tag}"))
+                    cases.append(Case(f"module/{tag}/fwd/{label}", _pinned(fwd, formulation), f"module/{tag}"))
+                    cases.append(Case(f"module/{tag}/fwd+bwd/{label}", _pinned(fwd_bwd, formulation), f"module/{tag}"))
     return cases
 
 
@@ -135,6 +159,8 @@ NETWORK_VARIANTS = {
     "se": {"attention": "se"},
     "cbam-reference": {"attention": "cbam", "implementation": "reference"},
     "cbam-fused": {"attention": "cbam", "implementation": "fused"},
+    # the residual block's addition and ReLU left to the block (what fuse_residual buys, see the README)
+    "cbam-fused-no-tail": {"attention": "cbam", "implementation": "fused", "fuse_residual": False},
     "cbam-fused-memory-efficient": {"attention": "cbam", "implementation": "fused", "memory_efficient": True},
 }
 
@@ -212,9 +238,11 @@ def run_benchmark(
         timm_ok = False
     cases: list[Case] = []
     memory: dict[str, Any] = {}
+    fused = native_status() if dev.type == "cpu" else "CUDA: PyTorch operators (eager), Inductor/Triton (compiled)"
+    native = fused == "loaded"
     if modules:
         shapes = shapes or MODULE_SHAPES["quick" if quick else "full"]
-        cases += module_cases(shapes, [dtype_map[d] for d in dtypes], dev, compile_modules, timm_ok)
+        cases += module_cases(shapes, [dtype_map[d] for d in dtypes], dev, compile_modules, timm_ok, native)
     if networks:
         net_cases, memory = network_cases(network_model, network_batch, network_size, dev, compile_networks)
         cases += net_cases
@@ -233,6 +261,7 @@ def run_benchmark(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "allocator": allocator_setting(),
+        "fused_cpu_kernels": fused,
         "rounds": rounds,
         "timm": timm_ok,
         "cases": {c.name: {"median_s": statistics.median(c.times), "min_s": min(c.times), "max_s": max(c.times),

@@ -59,13 +59,13 @@ def residual_tail(norm: nn.Module, attn: nn.Module, x: torch.Tensor, shortcut: t
     """``relu(attn(norm(x)) + shortcut)``, the end of a residual block.
 
     An attention module with a ``residual_relu`` method (CBAM) performs the addition and the ReLU itself: the
-    fused CBAM does it in its output pass. With ``attn.memory_efficient`` the whole tail is recomputed in backward.
+    fused CBAM does it in its output pass. With ``attn.memory_efficient`` only ``attn(norm(x))`` is recomputed in
+    backward and the addition and ReLU follow it (recomputing them too would mean keeping the shortcut, which the
+    plain network does not keep in a downsampling block).
     """
-    fused = getattr(attn, "residual_relu", None)
-
-    def tail(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return fused(norm(t), s) if fused is not None else torch.relu(attn(norm(t)) + s)
-
     if _lean(attn, x):
-        return _recomputed(tail, norm, attn, x, shortcut)
-    return tail(x, shortcut)
+        return torch.relu_(norm_then_attention(norm, attn, x) + shortcut)
+    fused = getattr(attn, "residual_relu", None)
+    if fused is not None:
+        return fused(norm(x), shortcut)
+    return torch.relu_(attn(norm(x)) + shortcut)

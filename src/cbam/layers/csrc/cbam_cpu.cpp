@@ -597,27 +597,34 @@ void gate_rows_any(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool 
     gate_rows<scalar_t, acc_t, false>(x, chan, pos, chan_is_row, r0, r1, K, nullptr, out, stream);
 }
 
-void check_residual(const std::optional<Tensor>& res, const Tensor& x3) {
-  if (!given(res)) return;
-  TORCH_CHECK(res->sizes() == x3.sizes() && res->is_contiguous() && res->scalar_type() == x3.scalar_type(),
-              "cbam_cpu: the residual must be laid out as x, with its dtype");
-}
-
+// A feature map (N, C, H, W) as the dense (N, R, K) array the kernels work on: NCHW-contiguous maps as (N, C, H*W),
+// channels-last ones as (N, H*W, C); other strides are copied to NCHW first. The operators accept either layout
+// (they are tagged flexible_layout, so Inductor keeps whatever layout its convolutions chose around them), and
+// their full-size outputs take the input's.
 struct MapShape {
+  Tensor t;  // the dense map
   int64_t n, c, h, w;
   bool cl;
   int64_t p() const { return h * w; }
   int64_t rows() const { return cl ? h * w : c; }
   int64_t cols() const { return cl ? c : h * w; }
   int64_t sample() const { return c * h * w; }
+  at::MemoryFormat format() const { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+  // another full-size map (dout, residual) in this layout
+  Tensor like(const Tensor& other, const char* what) const {
+    TORCH_CHECK(other.sizes() == t.sizes() && other.scalar_type() == t.scalar_type() && other.device().is_cpu(),
+                "cbam_cpu: ", what, " must match the map's shape ", t.sizes(), " and dtype ", t.scalar_type(),
+                ", got ", other.sizes(), " ", other.scalar_type());
+    return other.contiguous(format());
+  }
 };
 
-MapShape map_shape(const Tensor& x3, int64_t height, bool channels_last) {
-  check_map(x3, "x");
-  const int64_t n = x3.size(0), c = channels_last ? x3.size(2) : x3.size(1);
-  const int64_t p = channels_last ? x3.size(1) : x3.size(2);
-  TORCH_CHECK(height > 0 && p % height == 0, "cbam_cpu: height ", height, " does not divide ", p, " positions");
-  return {n, c, height, p / height, channels_last};
+MapShape map_shape(const Tensor& x, const char* what = "x") {
+  TORCH_CHECK(x.device().is_cpu(), "cbam_cpu: ", what, " must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, "cbam_cpu: ", what, " must be a non-empty (N, C, H, W) map, got ",
+              x.sizes());
+  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return {cl || x.is_contiguous() ? x : x.contiguous(), x.size(0), x.size(1), x.size(2), x.size(3), cl};
 }
 
 // Samples are processed in groups of about kGroupBytes (at least 4 samples, so that threads can take whole
@@ -689,9 +696,10 @@ Mlp<acc_t> make_mlp(const Tensor& x, int64_t C, const Tensor& w1, const std::opt
 // everything backward needs. Returns pooled (P, N, C), hpre (P, N, hidden), gc (N, C), maps (N, 2, H, W),
 // idx_c (N, C) and idx_s (N, H*W) (the last two int32; maps and idx_s are empty without the spatial gate).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gate(
-    const Tensor& x3, int64_t height, bool channels_last, const Tensor& w1, const std::optional<Tensor>& b1,
-    const Tensor& w2, const std::optional<Tensor>& b2, bool avg, bool max, bool spatial) {
-  const MapShape s = map_shape(x3, height, channels_last);
+    const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+    const std::optional<Tensor>& b2, bool avg, bool max, bool spatial) {
+  const MapShape s = map_shape(x);
+  const Tensor& x3 = s.t;
   TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
   const int n_pools = int(avg) + int(max);
   const int64_t Hd = w1.size(0), N = s.n, C = s.c, P = s.p();
@@ -723,12 +731,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
 // pools, channel gate, spatial pools, convolution (weight (1, 2, k, k), bias), the affine normalisation
 // z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the gated output.
 // Without a convolution weight the channel gate alone is applied; with a residual, relu(out + residual) is returned.
-Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, const Tensor& w1,
-                         const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2, bool avg,
-                         bool max, const std::optional<Tensor>& conv_weight, const std::optional<Tensor>& conv_bias,
-                         const Tensor& norm_scale, const Tensor& norm_shift, const std::optional<Tensor>& residual) {
-  const MapShape s = map_shape(x3, height, channels_last);
-  check_residual(residual, x3);
+Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                         const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
+                         const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
+                         const std::optional<Tensor>& residual) {
+  const MapShape s = map_shape(x);
+  const Tensor& x3 = s.t;
+  const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
   TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
   const bool spatial = given(conv_weight);
   const int64_t ks = spatial ? conv_weight->size(-1) : 0;
@@ -745,7 +754,7 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
     const int64_t N = s.n, C = s.c, P = s.p(), Hd = w1.size(0);
     const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
-    const scalar_t* rp = given(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t* wp = spatial ? conv_weight->const_data_ptr<acc_t>() : nullptr;
     const acc_t bias = given(conv_bias) ? conv_bias->const_data_ptr<acc_t>()[0] : acc_t(0);
@@ -780,26 +789,25 @@ Tensor forward_inference(const Tensor& x3, int64_t height, bool channels_last, c
 }
 
 // out = (x * chan) * pos for a batch, chan (N, C) and pos (N, H*W); with a residual, relu(out + residual).
-Tensor gate(const Tensor& x3, const Tensor& chan, const Tensor& pos, bool channels_last,
-            const std::optional<Tensor>& residual) {
-  check_map(x3, "x");
-  check_residual(residual, x3);
-  const int64_t N = x3.size(0), R = x3.size(1), K = x3.size(2);
-  check_acc(chan, x3, {N, channels_last ? K : R}, "chan");
-  check_acc(pos, x3, {N, channels_last ? R : K}, "pos");
+Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::optional<Tensor>& residual) {
+  const MapShape s = map_shape(x);
+  const Tensor& x3 = s.t;
+  check_acc(chan, x3, {s.n, s.c}, "chan");
+  check_acc(pos, x3, {s.n, s.p()}, "pos");
+  const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
-    const scalar_t* rp = given(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t *cp = chan.const_data_ptr<acc_t>(), *pp = pos.const_data_ptr<acc_t>();
-    const int64_t C = chan.size(1), P = pos.size(1);
+    const int64_t R = s.rows(), K = s.cols(), C = s.c, P = s.p(), S = s.sample();
     const bool stream = stream_output(out);
-    for_range(N * R, K, [&](int64_t i) {
+    for_range(s.n * R, K, [&](int64_t i) {
       const int64_t n = i / R, r = i % R;
-      gate_rows_any(xp + n * R * K, cp + n * C, pp + n * P, !channels_last, r, r + 1, K,
-                    rp ? rp + n * R * K : nullptr, op + n * R * K, stream);
+      gate_rows_any(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rp ? rp + n * S : nullptr, op + n * S,
+                    stream);
     });
   });
   return out;
@@ -940,15 +948,48 @@ std::tuple<Tensor, Tensor> cross_impl(const Tensor& a, const Tensor& b, const Te
   return {ROWS ? combine(rows) : Tensor(), COLS ? combine(cols) : Tensor()};
 }
 
-// rows[n, r] = sum_k a * b * colv[k] and cols[n, k] = sum_r a * b * rowv[r], from one pass over a and b.
-std::tuple<Tensor, Tensor> cross_sums(const Tensor& a, const Tensor& b, const Tensor& rowv, const Tensor& colv) {
-  return cross_impl<true, true, true>(a, b, rowv, colv);
+// The dense (N, R, K) view of a map laid out as s.
+Tensor rows_view(const MapShape& s, const Tensor& t) {
+  return t.as_strided({s.n, s.rows(), s.cols()}, {s.sample(), s.cols(), 1});
 }
 
-// x weighted by a column vector and summed along rows ((N, R)), or by a row vector and summed over rows ((N, K)).
-Tensor weighted_sum(const Tensor& x, const Tensor& weights, bool weights_on_cols) {
-  if (weights_on_cols) return std::get<0>(cross_impl<false, true, false>(x, Tensor(), Tensor(), weights));
-  return std::get<1>(cross_impl<false, false, true>(x, Tensor(), weights, Tensor()));
+// One pass over dout and x: d_chan[n, c] = sum_p dout * x * pos[p] and d_pos[n, p] = sum_c dout * x * chan[c].
+std::tuple<Tensor, Tensor> cross_sums(const Tensor& dout, const Tensor& x, const Tensor& chan, const Tensor& pos) {
+  const MapShape s = map_shape(x);
+  const Tensor d = s.like(dout, "dout");
+  if (s.cl) {  // rows are positions
+    auto [d_pos, d_chan] = cross_impl<true, true, true>(rows_view(s, d), rows_view(s, s.t), pos, chan);
+    return {d_chan, d_pos};
+  }
+  return cross_impl<true, true, true>(rows_view(s, d), rows_view(s, s.t), chan, pos);
+}
+
+// d_chan[n, c] = sum_p x * pos_weight[p] + sum over the positions p whose arg-max channel is c of x * pos_max[p]
+// (the two spatial maps' terms of the channel gate's gradient).
+Tensor channel_weighted_sum(const Tensor& x, const Tensor& pos_weight, const Tensor& pos_arg, const Tensor& pos_max) {
+  const MapShape s = map_shape(x);
+  const Tensor x3 = rows_view(s, s.t);
+  Tensor out = s.cl ? std::get<1>(cross_impl<false, false, true>(x3, Tensor(), pos_weight, Tensor()))
+                    : std::get<0>(cross_impl<false, true, false>(x3, Tensor(), Tensor(), pos_weight));
+  const int64_t N = s.n, C = s.c, P = s.p(), S = s.sample();
+  TORCH_CHECK(pos_arg.scalar_type() == at::kInt && pos_arg.is_contiguous() && pos_arg.sizes() == at::IntArrayRef({N, P}),
+              "cbam_cpu: pos_arg must be a contiguous int32 (N, H*W) tensor");
+  check_acc(pos_max, x3, {N, P}, "pos_max");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "channel_weighted_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = s.t.const_data_ptr<scalar_t>();
+    const int32_t* ap = pos_arg.const_data_ptr<int32_t>();
+    const acc_t* mp = pos_max.const_data_ptr<acc_t>();
+    acc_t* op = out.mutable_data_ptr<acc_t>();
+    for_samples(N, [&](int64_t n) {  // sparse: one element per position
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t c = ap[n * P + p];
+        const scalar_t v = xp[n * S + (s.cl ? p * C + c : c * P + p)];
+        op[n * C + c] += static_cast<acc_t>(v) * mp[n * P + p];
+      }
+    });
+  });
+  return out;
 }
 
 // The input gradient, written once:
@@ -1018,12 +1059,13 @@ void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int
   });
 }
 
-Tensor input_grad(const Tensor& d, const Tensor& pos_mul, const Tensor& pos_add, const std::optional<Tensor>& pos_arg,
+Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_add, const std::optional<Tensor>& pos_arg,
                   const std::optional<Tensor>& pos_max, const Tensor& chan_mul, const Tensor& chan_add,
-                  const std::optional<Tensor>& chan_arg, const std::optional<Tensor>& chan_max, bool channels_last) {
-  check_map(d, "dout");
-  const int64_t N = d.size(0), R = d.size(1), K = d.size(2);
-  const int64_t P = channels_last ? R : K, C = channels_last ? K : R;
+                  const std::optional<Tensor>& chan_arg, const std::optional<Tensor>& chan_max) {
+  const MapShape s = map_shape(dout, "dout");
+  const Tensor& d = s.t;
+  const bool channels_last = s.cl;
+  const int64_t N = s.n, R = s.rows(), K = s.cols(), P = s.p(), C = s.c;
   check_acc(pos_mul, d, {N, P}, "pos_mul");
   check_acc(pos_add, d, {N, P}, "pos_add");
   check_acc(chan_mul, d, {N, C}, "chan_mul");
@@ -1082,21 +1124,24 @@ std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t gr
 
 TORCH_LIBRARY(cbam_cpu, m) {
   m.def("configure(int col_block, int task_elems, int group_bytes, int stream_bytes) -> int[]", &configure);
+  const std::vector<at::Tag> any_layout{at::Tag::flexible_layout};
   m.def(
-      "pools_and_channel_gate(Tensor x, int height, bool channels_last, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "bool avg, bool max, bool spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "pools_and_channel_gate(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
+      "bool spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      any_layout);
   m.def(
-      "forward_inference(Tensor x, int height, bool channels_last, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "bool avg, bool max, Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, "
-      "Tensor? residual) -> Tensor");
-  m.def("gate(Tensor x, Tensor chan, Tensor pos, bool channels_last, Tensor? residual) -> Tensor");
+      "forward_inference(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
+      "Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, Tensor? residual) -> Tensor",
+      any_layout);
+  m.def("gate(Tensor x, Tensor chan, Tensor pos, Tensor? residual) -> Tensor", any_layout);
   m.def("spatial_conv(Tensor maps, Tensor weight, Tensor? bias) -> Tensor");
   m.def("spatial_conv_backward(Tensor d, Tensor maps, Tensor weight) -> (Tensor, Tensor)");
-  m.def("cross_sums(Tensor a, Tensor b, Tensor rowv, Tensor colv) -> (Tensor, Tensor)");
-  m.def("weighted_sum(Tensor x, Tensor weights, bool weights_on_cols) -> Tensor");
+  m.def("cross_sums(Tensor dout, Tensor x, Tensor chan, Tensor pos) -> (Tensor, Tensor)", any_layout);
+  m.def("channel_weighted_sum(Tensor x, Tensor pos_weight, Tensor pos_arg, Tensor pos_max) -> Tensor", any_layout);
   m.def(
-      "input_grad(Tensor d, Tensor pos_mul, Tensor pos_add, Tensor? pos_arg, Tensor? pos_max, Tensor chan_mul, "
-      "Tensor chan_add, Tensor? chan_arg, Tensor? chan_max, bool channels_last) -> Tensor");
+      "input_grad(Tensor dout, Tensor pos_mul, Tensor pos_add, Tensor? pos_arg, Tensor? pos_max, Tensor chan_mul, "
+      "Tensor chan_add, Tensor? chan_arg, Tensor? chan_max) -> Tensor",
+      any_layout);
 }
 
 TORCH_LIBRARY_IMPL(cbam_cpu, CPU, m) {
@@ -1106,6 +1151,6 @@ TORCH_LIBRARY_IMPL(cbam_cpu, CPU, m) {
   m.impl("spatial_conv", &spatial_conv);
   m.impl("spatial_conv_backward", &spatial_conv_backward);
   m.impl("cross_sums", &cross_sums);
-  m.impl("weighted_sum", &weighted_sum);
+  m.impl("channel_weighted_sum", &channel_weighted_sum);
   m.impl("input_grad", &input_grad);
 }
