@@ -23,6 +23,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -478,17 +480,22 @@ void group_mlp(const Mlp<acc_t>& mlp, int64_t G, const acc_t* const* pooled, acc
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   auto wrap = [&](const acc_t* p, at::IntArrayRef shape) { return at::from_blob(const_cast<acc_t*>(p), shape, opts); };
   const Tensor w1 = wrap(mlp.w1, {Hd, C}), w2 = wrap(mlp.w2, {C, Hd});
+  // Both pools' descriptors through fc1 in one product (the library packs the weight once per call).
+  Tensor x = n_pools == 1 || pooled[1] == pooled[0] + G * C
+                 ? wrap(pooled[0], {n_pools * G, C})
+                 : at::cat({wrap(pooled[0], {G, C}), wrap(pooled[1], {G, C})});
+  const bool direct = hpre && (n_pools == 1 || hpre[1] == hpre[0] + G * Hd);
+  Tensor h = direct ? wrap(hpre[0], {n_pools * G, Hd}) : at::empty({n_pools * G, Hd}, opts);
+  if (mlp.b1)
+    at::addmm_out(h, wrap(mlp.b1, {Hd}), x, w1.t());
+  else
+    at::mm_out(h, x, w1.t());
+  if (hpre && !direct)
+    for (int p = 0; p < n_pools; ++p) wrap(hpre[p], {G, Hd}).copy_(h.narrow(0, p * G, G));
   Tensor a = wrap(act, {G, Hd});
-  a.zero_();
-  for (int p = 0; p < n_pools; ++p) {
-    Tensor x = wrap(pooled[p], {G, C});
-    Tensor h = hpre ? wrap(hpre[p], {G, Hd}) : at::empty({G, Hd}, opts);
-    if (mlp.b1)
-      at::addmm_out(h, wrap(mlp.b1, {Hd}), x, w1.t());
-    else
-      at::mm_out(h, x, w1.t());
-    a.add_(h.clamp_min(0));  // fc2 is linear: the sum over pools of fc2 is fc2 of the summed activations (+ biases)
-  }
+  at::clamp_min_out(a, h.narrow(0, 0, G), 0);
+  // fc2 is linear: the sum over pools of fc2 is fc2 of the summed activations (plus n_pools biases)
+  if (n_pools == 2) a.add_(h.narrow(0, G, G).clamp_min(0));
   Tensor g = wrap(gc, {G, C});
   if (mlp.b2)
     at::addmm_out(g, wrap(mlp.b2, {C}), a, w2.t(), n_pools, 1);
@@ -557,34 +564,36 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
                int64_t K, const scalar_t* res, scalar_t* out, bool stream) {
   using V = Vec<acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* xr = x + r * K;
-    const scalar_t* rr = RES ? res + r * K : nullptr;
-    scalar_t* orow = out + r * K;
-    auto tail_v = [&](V v, int64_t k) {
+    const scalar_t* __restrict__ xr = x + r * K;
+    const scalar_t* __restrict__ rr = RES ? res + r * K : nullptr;
+    scalar_t* __restrict__ orow = out + r * K;
+    // per row: a the row's scalar factor (channel gate of NCHW row c, spatial gate of channels-last row p) and v
+    // the column vector; the reference's rounding order is (x * channel gate) * spatial gate
+    const acc_t a = chan_is_row ? chan[r] : pos[r];
+    const acc_t* __restrict__ v = chan_is_row ? pos : chan;
+    auto value = [&](acc_t xv, acc_t vv) { return chan_is_row ? xv * a * vv : xv * vv * a; };
+    auto tail = [&](acc_t y, int64_t k) {
       if constexpr (RES) {
-        v += vload<acc_t>(rr + k);
-        v = v < 0 ? V{} : v;  // a nan stays nan, as with torch.relu
+        y += static_cast<acc_t>(rr[k]);
+        y = y < 0 ? acc_t(0) : y;  // a nan stays nan, as with torch.relu
       }
-      return v;
+      return y;
     };
-    auto tail_1 = [&](acc_t v, int64_t k) {
-      if constexpr (RES) {
-        v += static_cast<acc_t>(rr[k]);
-        v = v < 0 ? acc_t(0) : v;
-      }
-      return static_cast<scalar_t>(v);
-    };
-    if (chan_is_row) {
-      const acc_t a = chan[r];
-      write_row<scalar_t, acc_t>(
-          orow, K, stream, [&](int64_t k) { return tail_v(vload<acc_t>(xr + k) * a * vload<acc_t>(pos + k), k); },
-          [&](int64_t k) { return tail_1(static_cast<acc_t>(xr[k]) * a * pos[k], k); });
-    } else {
-      const acc_t b = pos[r];
-      write_row<scalar_t, acc_t>(
-          orow, K, stream, [&](int64_t k) { return tail_v(vload<acc_t>(xr + k) * vload<acc_t>(chan + k) * b, k); },
-          [&](int64_t k) { return tail_1(static_cast<acc_t>(xr[k]) * chan[k] * b, k); });
+    if (!stream) {  // plain loop: vectorised by the compiler, no aliasing to check (restrict)
+      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(tail(value(static_cast<acc_t>(xr[k]), v[k]), k));
+      continue;
     }
+    write_row<scalar_t, acc_t>(
+        orow, K, true,
+        [&](int64_t k) {
+          V y = chan_is_row ? vload<acc_t>(xr + k) * a * vload<acc_t>(v + k) : vload<acc_t>(xr + k) * vload<acc_t>(v + k) * a;
+          if constexpr (RES) {
+            y += vload<acc_t>(rr + k);
+            y = y < 0 ? V{} : y;
+          }
+          return y;
+        },
+        [&](int64_t k) { return static_cast<scalar_t>(tail(value(static_cast<acc_t>(xr[k]), v[k]), k)); });
   }
 }
 
