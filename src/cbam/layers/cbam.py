@@ -230,7 +230,8 @@ class CBAM(nn.Module):
         spatial_norm, spatial_bias, mlp_bias, bn_momentum: the details the implementations disagree on.
         act_layer: hidden activation of the MLP; gate: ``"sigmoid"`` (paper), ``"hard_sigmoid"`` or a class.
         implementation: ``"fused"`` (default: one custom autograd function that reads the input about three
-            times and keeps only the input for backward, see ``cbam_fused.py``) or ``"reference"`` (the
+            times and keeps only the input for backward, see ``cbam_fused.py``; on the CPU through hand-written
+            kernels, ``fused_cpu.py``) or ``"reference"`` (the
             readable composition of the gates). Configurations the fused path cannot serve (lp / lse pools,
             conv compression, other arrangements, activations or gates) use the reference path; the module's
             ``implementation`` and ``fallback_reason`` attributes and its repr say so.

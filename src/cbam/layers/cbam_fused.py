@@ -3,7 +3,13 @@
 It computes what the reference forward computes (``F' = sigmoid(Mc(F)) * F``, ``F'' = sigmoid(Ms(F')) * F'``) in
 one custom :class:`torch.autograd.Function`, without materialising the channel-refined map ``F'`` and without
 keeping any full-size intermediate for backward. Entry points: :func:`fused_supported` (None, or why a configuration
-needs the reference path) and :func:`cbam_fused` (the computation, for a CBAM module and an input).
+needs the reference path), :func:`cbam_fused` (the computation, for a CBAM module and an input, optionally with a
+residual block's tail ``relu(. + residual)``) and :func:`fused_path` (which formulation runs).
+
+Three formulations compute the full-size passes: the hand-written CPU kernels (``fused_cpu.py``, the default on the
+CPU, in eager mode and under torch.compile); PyTorch operators on cache-sized blocks (described below: CUDA, and
+CPUs where the kernels cannot be built); plain tensor expressions for Inductor (under torch.compile without the
+CPU kernels, Triton on a GPU). The small parts (MLP, BatchNorm of the spatial logits, their backward) are shared.
 
 * Forward reads ``x`` three times at most and writes the output once: the channel pools (avg, max over H x W), the
   tiny MLP giving the channel gate ``gc`` (N, C), the spatial pools of ``y = x * gc`` over C (mean and max, block by
