@@ -372,7 +372,7 @@ def fused_path(x: torch.Tensor) -> str:
     if _PATH_OVERRIDE is not None:
         return _PATH_OVERRIDE
     compiling = torch.compiler.is_compiling()
-    if x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and (NATIVE_UNDER_COMPILE or not compiling):
+    if x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES:
         from .fused_cpu import native_available, native_loaded
 
         # while tracing, only kernels loaded earlier (CBAM modules load them when built) can be used
@@ -381,7 +381,6 @@ def fused_path(x: torch.Tensor) -> str:
     return "traced" if compiling else "eager"
 
 
-NATIVE_UNDER_COMPILE = True
 _PATH_OVERRIDE: str | None = None  # tests pin one formulation
 
 

@@ -4,23 +4,26 @@ Composed of PyTorch operators, CBAM's full-size work costs many passes over memo
 reductions over channels of an NCHW map stride across all channels at once (measured: 2.2 copies' time for the pair
 of pools that ideally cost half a copy). These kernels do each full-size pass once, at memory speed:
 
-* forward: channel pools (sum, max, first arg-max over H x W), spatial pools of ``x * gc`` (sum, max, first arg-max
-  over C, the product never stored), and ``out = (x * gc) * gs``: three reads and one write of the map;
-* backward: ``d_gs = sum_c dout * x * gc`` with ``sum_hw dout * x * gs`` from the same read of ``dout`` and ``x``,
-  ``sum_hw x * d_avg_map`` (one more read of ``x``), and ``dx`` (one read of ``dout``, one write);
-* the 7 x 7 convolution of the two pooled maps and its backward as direct loops.
+* forward: for a group of samples that fits in the cache, the channel pools (sum, max, first arg-max over H x W),
+  the channel gate and the spatial pools of ``x * gc`` (sum, max, first arg-max over C, the product never stored);
+  the k x k convolution of the two maps; then ``out = (x * gc) * gs`` in one pass (``relu(out + residual)`` when
+  the module ends a residual block). Without gradients and batch statistics, all of it is one operator;
+* backward: ``sum_c dout * x * gc`` and ``sum_hw dout * x * gs`` from one read of ``dout`` and ``x``, the spatial
+  maps' terms of the channel gate's gradient from one more read of ``x``, and ``dx`` written once (the max pools'
+  gradients, each to its first arg-max element, inside that pass).
 
-The small parts (MLP, BatchNorm of the spatial logits, sigmoids, the max pools' sparse gradient terms) stay
-PyTorch operators. The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (about 15 s
-once; cached by PyTorch in ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and called as ``torch.ops``
-operators, so ``torch.compile`` traces them without graph breaks. Without a C++ compiler, or with ``CBAM_NATIVE=0``
-in the environment, the fused path composes PyTorch operators instead (``cbam_fused.py``); :func:`native_status`
-says which is in use and why.
+The small parts (MLP backward, BatchNorm of the spatial logits, sigmoids) stay PyTorch operators. The kernels are
+compiled on first use with :func:`torch.utils.cpp_extension.load` (about 15 s once; cached by PyTorch in
+``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``, one build per instruction-set level) and called as
+``torch.ops.cbam_cpu`` operators, so ``torch.compile`` traces them without graph breaks. Without a C++ compiler, or
+with ``CBAM_NATIVE=0`` in the environment, the fused path composes PyTorch operators instead (``cbam_fused.py``);
+:func:`native_status` says which is in use and why.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 import time
@@ -33,7 +36,21 @@ from .cbam_fused import _compute_dtype, _mlp_backward, _spatial_backward, _spati
 __all__ = ["native_available", "native_loaded", "native_status"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cbam_cpu.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# Instruction sets by the level PyTorch detected, not -march=native: a build cached in a home directory shared by
+# machines of different generations must not use instructions another one lacks (each level is its own build).
+_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mprefer-vector-width=512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def _build_flags() -> tuple[str, list[str]]:
+    """The extension's name and compiler flags for this machine's instruction-set level."""
+    level = torch.backends.cpu.get_cpu_capability().lower()
+    isa = _ISA_FLAGS.get(level, []) if platform.machine() in ("x86_64", "AMD64") else []
+    return f"cbam_cpu_{level if isa else 'generic'}", ["-O3", "-fopenmp", *isa]
+
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "error": None}
 
@@ -55,7 +72,8 @@ def _load() -> str | None:
             try:
                 from torch.utils.cpp_extension import load
 
-                load("cbam_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False, verbose=False)
+                name, flags = _build_flags()
+                load(name, sources=[str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
             except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back, say why
                 reason = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
                 print(f"cbam: {reason}; the fused path composes PyTorch operators instead", file=sys.stderr)

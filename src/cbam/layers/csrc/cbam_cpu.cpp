@@ -843,7 +843,7 @@ Tensor spatial_conv(const Tensor& maps, const Tensor& weight, const std::optiona
 // Gradients of spatial_conv (without its bias) for the output gradient d (N, 1, H, W): d_maps and d_weight.
 std::tuple<Tensor, Tensor> spatial_conv_backward(const Tensor& d, const Tensor& maps, const Tensor& weight) {
   TORCH_CHECK(maps.dim() == 4 && maps.size(1) == 2 && maps.is_contiguous(), "cbam_cpu: maps must be (N, 2, H, W)");
-  const int64_t N = maps.size(0), H = maps.size(2), W = maps.size(3), ks = weight.size(-1), pad = ks / 2;
+  const int64_t N = maps.size(0), H = maps.size(2), W = maps.size(3), ks = weight.size(-1);
   TORCH_CHECK(d.sizes() == at::IntArrayRef({N, 1, H, W}) && d.is_contiguous() && d.scalar_type() == maps.scalar_type(),
               "cbam_cpu: d must be a contiguous (N, 1, H, W) tensor of the maps' dtype");
   TORCH_CHECK(weight.sizes() == at::IntArrayRef({1, 2, ks, ks}) && weight.is_contiguous() &&
