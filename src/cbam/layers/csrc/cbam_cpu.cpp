@@ -161,11 +161,11 @@ inline T sigmoid(T v) {
 // third less memory traffic), and the output does not evict the input that is still to be read.
 template <typename scalar_t, typename acc_t, typename FV, typename F1>
 inline void write_row(scalar_t* out, int64_t K, bool stream, const FV& vec, const F1& one) {
+  constexpr int W = kWidth<acc_t>;
+  int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
     if (stream) {
-      constexpr int W = kWidth<float>;
-      int64_t k = 0;
       for (; k < K && reinterpret_cast<uintptr_t>(out + k) % 64 != 0; ++k) out[k] = one(k);
       for (; k + W <= K; k += W) {
         const Vec<float> v = vec(k);
@@ -182,7 +182,11 @@ inline void write_row(scalar_t* out, int64_t K, bool stream, const FV& vec, cons
     }
   }
 #endif
-  for (int64_t k = 0; k < K; ++k) out[k] = one(k);
+  (void)stream;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // whole vectors, then the tail
+    for (; k + W <= K; k += W) vstore<acc_t>(out + k, vec(k));
+  }
+  for (; k < K; ++k) out[k] = one(k);
 }
 
 bool stream_output(const Tensor& t) {
