@@ -51,6 +51,7 @@ def _build_flags() -> tuple[str, list[str]]:
     isa = _ISA_FLAGS.get(level, []) if platform.machine() in ("x86_64", "AMD64") else []
     return f"cbam_cpu_{level if isa else 'generic'}", ["-O3", "-fopenmp", *isa]
 
+
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "error": None}
 
@@ -196,9 +197,8 @@ def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias):
         d_smax = sgrads[1].contiguous()
         # one more read of x: the two spatial maps' terms (the max map's at each position's arg-max channel)
         d_gc = d_gc + ops.channel_weighted_sum(x, d_savg, idx_s, d_smax)
-    else:
-        cd = gc.dtype
-        d_gc = (dout.to(cd) * x.to(cd)).sum((2, 3))
+    else:  # d_gc = sum_hw dout * x: the same pass with a spatial gate of ones
+        d_gc = ops.cross_sums(dout, x, gc, gc.new_ones((n, hw)))[0]
         d_savg = gc.new_zeros((n, hw))
     d_logit = d_gc * gc * (1 - gc)
     d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_logit, pooled, hpre, w1, w2)
