@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cbam import create_model
 from cbam.bench.runner import saved_bytes
+from cbam.layers.fused_cpu import native_available
 
 
 def _step(model, x, y):
@@ -42,11 +43,18 @@ def test_saves_no_more_than_the_plain_network_plus_a_few_percent():
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     sizes = {}
-    for label, kwargs in {"plain": {}, "cbam": {"attention": "cbam"},
-                          "lean": {"attention": "cbam", "memory_efficient": True}}.items():
+    variants = {
+        "plain": {},
+        "cbam": {"attention": "cbam"},
+        "separate": {"attention": "cbam", "fuse_residual": False},
+        "lean": {"attention": "cbam", "memory_efficient": True},
+    }
+    for label, kwargs in variants.items():
         model = create_model("cifar_resnet20", num_classes=10, **kwargs)
         sizes[label] = saved_bytes(lambda m=model: F.cross_entropy(m(x), y).backward())
-    assert sizes["lean"] <= 1.05 * sizes["plain"] < sizes["cbam"]
+    assert sizes["lean"] <= 1.05 * sizes["plain"] < sizes["separate"]
+    if native_available():  # the last BatchNorm folded into the kernels: its output is never kept
+        assert sizes["cbam"] <= 1.06 * sizes["plain"] < sizes["separate"]
 
 
 def test_inference_and_eval_unchanged():

@@ -237,9 +237,11 @@ class CBAM(nn.Module):
             ``implementation`` and ``fallback_reason`` attributes and its repr say so.
         memory_efficient: inside the package's networks, recompute the block's last BatchNorm and this module
             in the backward pass instead of keeping their outputs (see ``memory.py``).
-        fuse_residual: inside the package's residual blocks, the fused path also performs the block's tail,
-            ``relu(cbam(x) + shortcut)``, in its output pass (:meth:`residual_relu`); the same numbers, one pass
-            over the block's output instead of three. ``False`` leaves the addition and the ReLU to the block.
+        fuse_residual: inside the package's residual blocks, the fused path also performs what surrounds the
+            module (:meth:`residual_relu`): the block's last BatchNorm, folded into the CPU kernels' reads, and the
+            tail ``relu(cbam(x) + shortcut)``, in the output pass; the same numbers, with the normalised map never
+            stored and one pass over the block's output instead of three. ``False`` leaves the BatchNorm, the
+            addition and the ReLU to the block.
     """
 
     def __init__(
@@ -360,18 +362,23 @@ class CBAM(nn.Module):
             return cbam_fused(self, x)
         return self.forward_reference(x)
 
-    def residual_relu(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """``relu(self(x) + shortcut)``: the tail of a residual block whose residual branch ends with this module.
+    def residual_relu(
+        self, x: torch.Tensor, shortcut: torch.Tensor, norm: nn.Module | None = None
+    ) -> torch.Tensor:
+        """``relu(self(norm(x)) + shortcut)``: the end of a residual block whose residual branch ends with ``norm``
+        (optional, usually the block's last BatchNorm) and this module.
 
-        The fused path writes the block's output in its own output pass (with ``fuse_residual``, and a shortcut of
-        x's shape and dtype); otherwise the addition and the ReLU follow the module. Forward hooks on this module
-        see its own output either way: while any is registered, the module runs on its own."""
+        With ``fuse_residual`` the fused path takes all of it: on the CPU kernels the BatchNorm is applied while the
+        kernels read ``x`` (:func:`~cbam.layers.cbam_fused.norm_folds` says when), and the block's output is written
+        in the module's own output pass (for a shortcut of x's shape and dtype). Otherwise ``norm``, the module, the
+        addition and the ReLU run one after the other. Forward hooks on this module (or on ``norm``) see their
+        module's own output either way: while any is registered, the module runs on its own."""
         fits = shortcut.shape == x.shape and shortcut.dtype == x.dtype and shortcut.device == x.device
         if self.fuse_residual and fits and not _observed(self) and self._fused_serves(x):
             from .cbam_fused import cbam_fused
 
-            return cbam_fused(self, x, residual=shortcut)
-        return torch.relu(self(x) + shortcut)
+            return cbam_fused(self, x, residual=shortcut, norm=norm)
+        return torch.relu(self(x if norm is None else norm(x)) + shortcut)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The readable path, composed of the two gates; the fused path is tested against it."""

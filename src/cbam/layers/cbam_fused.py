@@ -68,6 +68,8 @@ class _Cfg(NamedTuple):
     kernel: int
     bn: str  # "none", "batch" (training: batch statistics) or "running" (eval, or a single value per batch)
     eps: float
+    pre: str = "none"  # a BatchNorm folded in front of the module: "none", "batch" or "running" (as bn)
+    pre_eps: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,13 +126,24 @@ def fused_supported(module: CBAM) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
-def cbam_fused(module: CBAM, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def cbam_fused(
+    module: CBAM, x: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.Module | None = None
+) -> torch.Tensor:
     """Same result as module's reference forward (train and eval mode, incl. BN running-stat updates).
 
     With ``residual`` (a tensor of x's shape and dtype), ``relu(module(x) + residual)``: the tail of a residual block,
-    taken into the output pass (the hand-written CPU kernels then write the block's output directly)."""
+    taken into the output pass (the hand-written CPU kernels then write the block's output directly). With ``norm``
+    (the BatchNorm in front of the module), ``module(norm(x))``: where :func:`norm_folds` allows, the kernels apply
+    the normalisation while they read ``x`` (its statistics, running-statistics update and backward included), so
+    the normalised map is never written, read or kept; otherwise ``norm`` runs first."""
     name = type(module).__name__
     check_feature_map(name, x, module.channels)
+    front = None  # the BatchNorm folded into the kernels
+    if norm is not None:
+        if norm_folds(norm, x):
+            front = norm
+        else:
+            x = norm(x)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(
             f"{name}: the residual must match the input's shape, dtype and device; expected {tuple(x.shape)} "
@@ -165,15 +178,43 @@ def cbam_fused(module: CBAM, x: torch.Tensor, residual: torch.Tensor | None = No
         None if norm is None else norm.bias,
     )
     stats = (norm.running_mean, norm.running_var) if bn == "running" else (None, None)
+    return _apply(x, residual, params, stats, cfg, norm, bn, front)
+
+
+def _apply(x, residual, params, stats, cfg, norm, bn, front=None):
+    """Runs the Function (or, without gradients, its forward) and updates running statistics as BatchNorm would."""
+    pre = (None,) * 4
+    if front is not None:
+        batch = front.training or front.running_mean is None
+        cfg = cfg._replace(pre="batch" if batch else "running", pre_eps=float(front.eps))
+        running = (None, None) if batch else (front.running_mean, front.running_var)
+        pre = (front.weight, front.bias, *running)
     inputs = (x, residual, *params)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        out, mean, var = _CBAMFunction.apply(*inputs, *stats, cfg)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *pre)):
+        out, mean, var, pre_mean, pre_var = _CBAMFunction.apply(*inputs, *stats, *pre, cfg)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, _, _ = _forward(*inputs, *stats, cfg, need_backward=False)
+            out, mean, var, pre_mean, pre_var, _, _ = _forward(*inputs, *stats, *pre, cfg, need_backward=False)
     if bn == "batch":
         _update_running_stats(norm, mean, var)
+    if cfg.pre == "batch" and front.training and front.track_running_stats and front.running_mean is not None:
+        _update_running_stats(front, pre_mean, pre_var)
     return out
+
+
+def norm_folds(norm: nn.Module, x: torch.Tensor) -> bool:
+    """True if ``norm`` (the module in front of a CBAM) can be folded into the fused CPU kernels for input ``x``: a
+    plain ``nn.BatchNorm2d`` of x's channels, not observed by hooks, on a float32 / float64 CPU input served by the
+    hand-written kernels (with batch statistics, more than one value per channel). Anything else runs ``norm``
+    first and gives the same result."""
+    from .cbam import _observed
+
+    if type(norm) is not nn.BatchNorm2d or _observed(norm) or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.dim() != 4 or norm.num_features != x.shape[1] or fused_path(x) != "native":
+        return False
+    batch = norm.training or norm.running_mean is None
+    return not batch or x.shape[0] * x.shape[2] * x.shape[3] > 1
 
 
 @torch.no_grad()
@@ -191,29 +232,36 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
 
 class _CBAMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv, cfg
+    ):
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, saved, path = _forward(
-                x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, True
+            out, mean, var, pre_mean, pre_var, saved, path = _forward(
+                x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv, cfg, True
             )
         ctx.cfg = cfg
         ctx.path = path
         ctx.has_bias = (b1 is not None, b2 is not None, bc is not None)
+        ctx.pre_dtype = None if pre_w is None else pre_w.dtype
         # with a residual, the ReLU's mask comes from the output (kept anyway by whatever consumes it)
-        ctx.save_for_backward(x, w1, w2, wc, gamma, out if residual is not None else None, *saved)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        ctx.save_for_backward(x, w1, w2, wc, gamma, pre_w, out if residual is not None else None, *saved)
+        ctx.mark_non_differentiable(mean, var, pre_mean, pre_var)
+        return out, mean, var, pre_mean, pre_var
 
     @staticmethod
-    def backward(ctx, dout, _dmean, _dvar):  # type: ignore[override]
-        x, w1, w2, wc, gamma, out, *saved = ctx.saved_tensors
+    def backward(ctx, dout, _dmean, _dvar, _dpre_mean, _dpre_var):  # type: ignore[override]
+        x, w1, w2, wc, gamma, pre_w, out, *saved = ctx.saved_tensors
         d_residual = None
         if out is not None:  # through relu(. + residual): the residual gets the masked gradient, and so does CBAM
             dout = d_residual = torch.ops.aten.threshold_backward(dout, out, 0)
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:10])
         with torch.autocast(x.device.type, enabled=False):
-            grads = _backward(dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, needs, ctx.path)
-        return (grads[0], d_residual if ctx.needs_input_grad[1] else None, *grads[1:], None, None, None)
+            grads = _backward(dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, needs, ctx.path, pre_w)
+        d_pre = grads[9:] if len(grads) > 9 else [None, None]
+        d_pre = [g.to(ctx.pre_dtype) if g is not None and ctx.needs_input_grad[12 + i] else None
+                 for i, g in enumerate(d_pre)]
+        return (grads[0], d_residual if ctx.needs_input_grad[1] else None, *grads[1:9], None, None, *d_pre,
+                None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,35 +383,44 @@ def _(d, maps, weight):
     return torch.empty_like(maps, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
-def _forward(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, need_backward):
-    """Returns out, batch mean, unbiased batch variance (empty unless bn == 'batch') and the tensors to save.
+def _forward(
+    x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv, cfg, need_backward
+):
+    """Returns out, batch mean and unbiased batch variance of the spatial BatchNorm and of the folded one in front
+    (empty unless 'batch'), the tensors to save and the path.
 
-    With a residual, out is relu(cbam(x) + residual) (the native kernels write it in their output pass)."""
+    With a residual, out is relu(cbam(x) + residual) (the native kernels write it in their output pass); with a folded
+    BatchNorm in front (cfg.pre, native path only), x is that BatchNorm's input."""
     cd = _compute_dtype(x)
-    w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar = (
-        _cast(t, cd) for t in (w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar)
+    w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv = (
+        _cast(t, cd) for t in (w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv)
     )
     small = (wc, bc, gamma, beta, rmean, rvar)
     path = fused_path(x)
     if path == "native":
         from . import fused_cpu
 
-        out, saved = fused_cpu.forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward)
+        front = (pre_w, pre_b, pre_rm, pre_rv)
+        out, saved, pre_stats = fused_cpu.forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front)
+        pre_mean, pre_var = (x.new_empty(0, dtype=cd), x.new_empty(0, dtype=cd)) if pre_stats is None else pre_stats
         if saved is None:  # one operator did everything, nothing is kept
             empty = x.new_empty(0, dtype=cd)
-            return out, empty, empty.clone(), None, path
+            return out, empty, empty.clone(), pre_mean, pre_var, None, path
     else:
+        if cfg.pre != "none":
+            raise RuntimeError("cbam_fused: a BatchNorm in front is folded only into the CPU kernels")
+        pre_mean, pre_var = x.new_empty(0, dtype=cd), x.new_empty(0, dtype=cd)
         if path == "traced":
             out, saved = _forward_traced(x, w1, b1, w2, b2, small, cfg)
         else:
             out, saved = _forward_eager(x, w1, b1, w2, b2, small, cfg, need_backward)
         if residual is not None:
             out = torch.relu(out + residual)
-    gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd, mean, var = saved
+    gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd, mean, var, *front_saved = saved
     # two distinct tensors even when unused: one tensor returned twice from the Function confuses torch.compile
     mean = x.new_empty(0, dtype=cd) if mean is None else mean.detach()
     var = x.new_empty(0, dtype=cd) if var is None else var.detach()
-    return out, mean, var, (gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd), path
+    return out, mean, var, pre_mean, pre_var, (gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd, *front_saved), path
 
 
 def fused_path(x: torch.Tensor) -> str:
@@ -574,14 +631,14 @@ def _apply_gates(xb, ob, gc, gs):
     ob.mul_(gs.to(xb.dtype)[:, None, :])
 
 
-def _backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_bias, needs, path):
+def _backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_bias, needs, path, pre_w=None):
     cd = _compute_dtype(x)
-    w1c, w2c, wcc, gammac = (_cast(t, cd) for t in (w1, w2, wc, gamma))
+    w1c, w2c, wcc, gammac, pre_wc = (_cast(t, cd) for t in (w1, w2, wc, gamma, pre_w))
     if path == "native":
         from . import fused_cpu
 
-        grads = fused_cpu.backward(dout, x, w1c, w2c, wcc, gammac, saved, cfg, has_bias[2])
-        return _grads_as_inputs(grads, x, w1, w2, wc, gamma, needs)
+        grads = fused_cpu.backward(dout, x, w1c, w2c, wcc, gammac, saved, cfg, has_bias[2], pre_wc)
+        return _grads_as_inputs(grads[:9], x, w1, w2, wc, gamma, needs) + grads[9:]
     compiled = path == "traced"
     gc, gs, pooled, h, idx_c, idx_s, maps, zhat, rstd = saved
     n, c, hgt, wid = x.shape

@@ -115,7 +115,7 @@ def _register_fakes() -> None:
         return x.new_empty(shape, dtype=_compute_dtype(x))
 
     @fake("pools_and_channel_gate")
-    def _(x, w1, b1, w2, b2, avg, max, spatial):
+    def _(x, w1, b1, w2, b2, avg, max, spatial, in_scale=None, in_shift=None):
         n, c, h, w = x.shape
         pools = int(avg) + int(max)
         maps = acc(x, n, 2, h, w) if spatial else acc(x, 0)
@@ -124,11 +124,15 @@ def _register_fakes() -> None:
                 x.new_empty((n, c), dtype=torch.int32), idx_s)
 
     fake("forward_inference")(lambda x, *args: torch.empty_like(x))
-    fake("gate")(lambda x, chan, pos, residual: torch.empty_like(x))
+    fake("gate")(lambda x, chan, pos, residual, in_scale=None, in_shift=None: torch.empty_like(x))
     fake("spatial_conv")(lambda maps, w, b: maps.new_empty((maps.shape[0], 1, maps.shape[2], maps.shape[3])))
     fake("spatial_conv_backward")(lambda d, maps, w: (torch.empty_like(maps), torch.empty_like(w)))
     fake("cross_sums")(lambda d, x, chan, pos: (acc(x, x.shape[0], x.shape[1]), acc(x, x.shape[0], pos.shape[1])))
-    fake("channel_weighted_sum")(lambda x, w, arg, mx: acc(x, x.shape[0], x.shape[1]))
+    fake("affine_cross_sums")(
+        lambda d, y, pos, ca, cb, center: (acc(y, y.shape[0], 3, y.shape[1]), acc(y, y.shape[0], pos.shape[1]))
+    )
+    fake("channel_stats")(lambda y: (acc(y, y.shape[1]), acc(y, y.shape[1])))
+    fake("channel_weighted_sum")(lambda x, w, arg, mx, center=None: acc(x, x.shape[0], x.shape[1]))
     fake("input_grad")(lambda d, *args: torch.empty_like(d))
 
 
@@ -144,29 +148,52 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward):
-    """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all); with
-    a residual, out is relu(cbam(x) + residual)."""
+def _front_affine(y, front, cfg):
+    """The folded BatchNorm in front as x = y * scale + shift (per channel), with what backward needs: (scale, shift,
+    center, invstd) and the batch mean and unbiased variance (None with running statistics)."""
+    pre_w, pre_b, pre_rm, pre_rv = front
+    if cfg.pre == "batch":
+        center, var = torch.ops.cbam_cpu.channel_stats(y)  # one read (torch.var_mean over N, H, W: many)
+        invstd = torch.rsqrt(var + cfg.pre_eps)
+        count = y.numel() // y.shape[1]
+        stats = (center.detach(), (var * (count / (count - 1))).detach())
+    else:
+        center, invstd, stats = pre_rm, torch.rsqrt(pre_rv + cfg.pre_eps), None
+    scale = invstd if pre_w is None else invstd * pre_w
+    shift = -center * scale if pre_b is None else pre_b - center * scale
+    return (scale, shift, center, invstd), stats
+
+
+def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None):
+    """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all), plus
+    the batch statistics of a folded BatchNorm in front (None without one); with a residual, out is
+    relu(cbam(x) + residual). With cfg.pre, x is the input of that BatchNorm, which the kernels apply as they read."""
     ops = torch.ops.cbam_cpu
     wc, bc, gamma, beta, rmean, rvar = small
     wc = None if wc is None else wc.contiguous()  # a model moved to channels-last makes the 4-D weight so
     x, residual = _dense(x), _dense(residual)
     n, c, h, w = x.shape
+    affine, pre_stats, front_saved = (None, None), None, ()
+    if cfg.pre != "none":
+        front_saved, pre_stats = _front_affine(x, front, cfg)
+        affine = front_saved[:2]
     if not need_backward and cfg.bn != "batch":
-        return _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg), None
-    pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial)
+        return _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine), None, pre_stats
+    pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(
+        x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial, *affine
+    )
     idx_c = idx_c if cfg.max else None
     if not cfg.spatial:
-        out = ops.gate(x, gc, gc.new_ones((n, h * w)), residual)
-        return out, (gc, None, pooled, hpre, idx_c, None, None, None, None, None, None)
+        out = ops.gate(x, gc, gc.new_ones((n, h * w)), residual, *affine)
+        return out, (gc, None, pooled, hpre, idx_c, None, None, None, None, None, None, *front_saved), pre_stats
     gs, maps, zhat, rstd, mean, var = _spatial_forward(
         maps, wc, bc, gamma, beta, rmean, rvar, cfg, conv=ops.spatial_conv
     )
-    out = ops.gate(x, gc, gs, residual)
-    return out, (gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, mean, var)
+    out = ops.gate(x, gc, gs, residual, *affine)
+    return out, (gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, mean, var, *front_saved), pre_stats
 
 
-def _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg):
+def _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine=(None, None)):
     """The whole module in one operator, group by group of samples (no batch statistics, nothing kept)."""
     one = w1.new_ones(1)
     scale, shift = one, one * 0
@@ -174,12 +201,15 @@ def _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cf
         scale = torch.rsqrt(rvar + cfg.eps) * (one if gamma is None else gamma)
         shift = (one * 0 if beta is None else beta) - rmean * scale
     return torch.ops.cbam_cpu.forward_inference(
-        x, w1, b1, w2, b2, cfg.avg, cfg.max, wc if cfg.spatial else None, bc, scale, shift, residual
+        x, w1, b1, w2, b2, cfg.avg, cfg.max, wc if cfg.spatial else None, bc, scale, shift, residual, *affine
     )
 
 
-def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias):
-    """Gradients (dx, dW1, db1, dW2, db2, d_conv_w, d_conv_b, d_gamma, d_beta) in the compute dtype (dx: x's)."""
+def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w=None):
+    """Gradients (dx, dW1, db1, dW2, db2, d_conv_w, d_conv_b, d_gamma, d_beta) in the compute dtype (dx: x's), and
+    with a folded BatchNorm in front, its (d_weight, d_bias) after them (dx is then its input's gradient)."""
+    if cfg.pre != "none":
+        return _backward_folded(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w)
     ops = torch.ops.cbam_cpu
     gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd = saved
     wc = None if wc is None else wc.contiguous()
@@ -217,3 +247,74 @@ def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias):
     )
     d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
     return [dx, dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta]
+
+
+def _backward_folded(dout, y, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w):
+    """backward() with a BatchNorm folded in front: x = y * scale + shift, never stored. Three passes as without it
+    (the cross sums, the spatial maps' terms, dy written once); the BatchNorm's backward needs the per-channel sums of
+    g = dL/dx and g * (y - center), which follow from per-(sample, channel) sums those passes make anyway:
+
+        sum_p g      = gc * (sum_p dout * gs + sum_p map terms) + HW * d_avg + d_max
+        sum_p g * z  = gc * (sum_p dout * gs * z + sum_p map terms * z) + d_avg * sum_p z + d_max * z[arg-max]
+
+    so dy = scale * g + A + B * z (batch statistics: BatchNorm's mean and variance terms; running ones: A = B = 0)
+    is written in the last pass."""
+    ops = torch.ops.cbam_cpu
+    gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, scale, shift, center, invstd = saved
+    wc = None if wc is None else wc.contiguous()
+    y, dout = _dense(y), _dense(dout)
+    n, c, h, w = y.shape
+    hw = h * w
+    bias_at_center = shift + center * scale  # x = (y - center) * scale + bias_at_center
+    pos = gs if cfg.spatial else gc.new_ones((n, hw))
+    chan_sums, d_gs = ops.affine_cross_sums(dout, y, pos, (gc * scale).contiguous(), (gc * shift).contiguous(), center)
+    t_dz, t_d, t_z = chan_sums.unbind(1)  # sum_p dout*gs*z, sum_p dout*gs, sum_p z   (N, C) each
+    d_gc = scale * t_dz + bias_at_center * t_d
+    sgrads = None
+    map_sum = map_z = gc.new_zeros((n, c))
+    if cfg.spatial:
+        sgrads = _spatial_backward(
+            d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=ops.spatial_conv_backward
+        )
+        d_savg = sgrads[0] * (1.0 / c)
+        d_smax = sgrads[1].contiguous()
+        map_z = ops.channel_weighted_sum(y, d_savg, idx_s, d_smax, center)  # sum_p map terms * z
+        map_sum = d_savg.sum(1, keepdim=True) + torch.zeros_like(gc).scatter_add_(1, idx_s.long(), d_smax)
+        d_gc = d_gc + scale * map_z + bias_at_center * map_sum
+    else:
+        d_savg = gc.new_zeros((n, hw))
+    d_logit = d_gc * gc * (1 - gc)
+    d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_logit, pooled, hpre, w1, w2)
+    d_avg = d_pooled[0] * (1.0 / hw) if cfg.avg else gc.new_zeros((n, c))
+    d_max = d_pooled[-1] if cfg.max else None
+    # the BatchNorm's sums over the batch and positions of g and g * z, per channel
+    sum_g = gc * (t_d + map_sum) + d_avg * hw
+    sum_gz = gc * (t_dz + map_z) + d_avg * t_z
+    if d_max is not None:
+        where = idx_c.long()
+        at = y[torch.arange(n).view(n, 1), torch.arange(c).view(1, c), where // w, where % w]
+        sum_g = sum_g + d_max
+        sum_gz = sum_gz + d_max * (at.to(gc.dtype) - center)
+    sum_g, sum_gz = sum_g.sum(0), sum_gz.sum(0)
+    d_pre_w = invstd * sum_gz if pre_w is not None else None
+    d_pre_b = sum_g
+    add = d_avg * scale
+    y_terms = (None, None, None)
+    if cfg.pre == "batch":
+        count = n * hw
+        add = add - scale * sum_g / count
+        y_terms = (y, (-scale * invstd * invstd * sum_gz / count).contiguous(), center)
+    dx = ops.input_grad(
+        dout,
+        pos,
+        d_savg,
+        idx_s if cfg.spatial else None,
+        d_smax if cfg.spatial else None,
+        (gc * scale).contiguous(),
+        add.contiguous(),
+        idx_c if cfg.max else None,
+        (d_max * scale).contiguous() if cfg.max else None,
+        *y_terms,
+    )
+    d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
+    return [dx, dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta, d_pre_w, d_pre_b]

@@ -58,14 +58,15 @@ def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> to
 def residual_tail(norm: nn.Module, attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """``relu(attn(norm(x)) + shortcut)``, the end of a residual block.
 
-    An attention module with a ``residual_relu`` method (CBAM) performs the addition and the ReLU itself: the
-    fused CBAM does it in its output pass. With ``attn.memory_efficient`` only ``attn(norm(x))`` is recomputed in
-    backward and the addition and ReLU follow it (recomputing them too would mean keeping the shortcut, which the
-    plain network does not keep in a downsampling block).
+    An attention module with a ``residual_relu`` method (CBAM) performs the normalisation, the addition and the ReLU
+    itself: the fused CBAM folds the BatchNorm into its kernels' reads and writes the block's output in its output
+    pass. With ``attn.memory_efficient`` only ``attn(norm(x))`` is recomputed in backward and the addition and ReLU
+    follow it (recomputing them too would mean keeping the shortcut, which the plain network does not keep in a
+    downsampling block).
     """
     if _lean(attn, x):
         return torch.relu_(norm_then_attention(norm, attn, x) + shortcut)
     fused = getattr(attn, "residual_relu", None)
     if fused is not None:
-        return fused(norm(x), shortcut)
+        return fused(x, shortcut, norm=norm)
     return torch.relu_(attn(norm(x)) + shortcut)

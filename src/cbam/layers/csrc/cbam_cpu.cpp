@@ -284,25 +284,77 @@ Tensor new_acc(const Tensor& x, at::IntArrayRef shape) {
 
 Tensor new_index(const Tensor& x, at::IntArrayRef shape) { return at::empty(shape, x.options().dtype(at::kInt)); }
 
+// ------------------------------------------------------------------------------------------------ transforms
+// Element transforms applied while a kernel reads a map: by row (one scalar pair per row, bound once per row) or
+// by column (vectors indexed by the column). f.row(r) gives the transform of row r, with vec(v, k) for the vector of
+// columns k .. k + W - 1 and one(v, k) for column k. They carry the gates (x * gc) and a folded BatchNorm in front
+// of the module (x = y * scale + shift, per channel).
+template <typename acc_t>
+struct Ident {
+  Vec<acc_t> vec(const Vec<acc_t>& v, int64_t) const { return v; }
+  acc_t one(acc_t v, int64_t) const { return v; }
+  Ident row(int64_t) const { return *this; }
+};
+
+template <typename acc_t>
+struct RowAffineAt {  // v * a + b (b = 0 for a scale)
+  acc_t a, b;
+  Vec<acc_t> vec(const Vec<acc_t>& v, int64_t) const { return v * a + b; }
+  acc_t one(acc_t v, int64_t) const { return v * a + b; }
+};
+
+template <typename acc_t>
+struct RowScale {
+  const acc_t* s;
+  RowAffineAt<acc_t> row(int64_t r) const { return {s[r], acc_t(0)}; }
+};
+
+template <typename acc_t>
+struct RowAffine {
+  const acc_t *a, *b;
+  RowAffineAt<acc_t> row(int64_t r) const { return {a[r], b[r]}; }
+};
+
+template <typename acc_t>
+struct ColScale {
+  const acc_t* s;
+  Vec<acc_t> vec(const Vec<acc_t>& v, int64_t k) const { return v * vload<acc_t>(s + k); }
+  acc_t one(acc_t v, int64_t k) const { return v * s[k]; }
+  ColScale row(int64_t) const { return *this; }
+};
+
+template <typename acc_t>
+struct ColAffine {
+  const acc_t *a, *b;
+  Vec<acc_t> vec(const Vec<acc_t>& v, int64_t k) const { return v * vload<acc_t>(a + k) + vload<acc_t>(b + k); }
+  acc_t one(acc_t v, int64_t k) const { return v * a[k] + b[k]; }
+  ColAffine row(int64_t) const { return *this; }
+};
+
+template <typename acc_t>
+struct ColShift {  // v + s[k]
+  const acc_t* s;
+  Vec<acc_t> vec(const Vec<acc_t>& v, int64_t k) const { return v + vload<acc_t>(s + k); }
+  acc_t one(acc_t v, int64_t k) const { return v + s[k]; }
+  ColShift row(int64_t) const { return *this; }
+};
+
+template <typename acc_t>
+struct RowShift {
+  const acc_t* s;
+  RowAffineAt<acc_t> row(int64_t r) const { return {acc_t(1), s[r]}; }
+};
+
 // ------------------------------------------------------------------------------------------------ pools
-// Sum, max and first arg-max along one row of K elements (element k scaled by scale[k] when SCALE).
-template <typename scalar_t, typename acc_t, bool SCALE, bool ARG>
-inline void pool_row(const scalar_t* x, const acc_t* scale, int64_t K, acc_t& sum_out, acc_t& max_out,
-                     int32_t* arg_out) {
+// Sum, max and first arg-max along one row of K elements, each element transformed by f (a row-bound transform).
+template <typename scalar_t, typename acc_t, bool ARG, typename F>
+inline void pool_row(const scalar_t* x, const F& f, int64_t K, acc_t& sum_out, acc_t& max_out, int32_t* arg_out) {
   constexpr int W = kWidth<acc_t>;
   using V = Vec<acc_t>;
   using M = Mask<acc_t>;
   using I = Lane<acc_t>;
-  auto load1 = [&](int64_t k) {
-    acc_t v = static_cast<acc_t>(x[k]);
-    if constexpr (SCALE) v *= scale[k];
-    return v;
-  };
-  auto loadv = [&](int64_t k) {
-    V v = vload<acc_t>(x + k);
-    if constexpr (SCALE) v *= vload<acc_t>(scale + k);
-    return v;
-  };
+  auto load1 = [&](int64_t k) { return f.one(static_cast<acc_t>(x[k]), k); };
+  auto loadv = [&](int64_t k) { return f.vec(vload<acc_t>(x + k), k); };
   if (K < W) {
     acc_t s = load1(0), m = s;
     int32_t a = 0;
@@ -346,20 +398,19 @@ inline void pool_row(const scalar_t* x, const acc_t* scale, int64_t K, acc_t& su
 }
 
 // Rows [r0, r1) of one sample, columns [k0, k1): sum, max and first arg-max (a row index) across the rows, into
-// sum / max / arg (indexed from column k0). Row r is scaled by rowv[r] when SCALE.
-template <typename scalar_t, typename acc_t, bool SCALE, bool ARG>
-void pool_block(const scalar_t* x, const acc_t* rowv, int64_t K, int64_t r0, int64_t r1, int64_t k0, int64_t k1,
-                acc_t* sum, acc_t* max, int32_t* arg) {
+// sum / max / arg (indexed from column k0); element (r, k) transformed by f.row(r).
+template <typename scalar_t, typename acc_t, bool ARG, typename F>
+void pool_block(const scalar_t* x, const F& f, int64_t K, int64_t r0, int64_t r1, int64_t k0, int64_t k1, acc_t* sum,
+                acc_t* max, int32_t* arg) {
   constexpr int W = kWidth<acc_t>;
   using V = Vec<acc_t>;
   using M = Mask<acc_t>;
   const int64_t len = k1 - k0;
   {
     const scalar_t* row = x + r0 * K + k0;
-    const acc_t sc = SCALE ? rowv[r0] : acc_t(1);
+    const auto fr = f.row(r0);
     for (int64_t j = 0; j < len; ++j) {
-      acc_t v = static_cast<acc_t>(row[j]);
-      if constexpr (SCALE) v *= sc;
+      const acc_t v = fr.one(static_cast<acc_t>(row[j]), k0 + j);
       sum[j] = v, max[j] = v;
       if constexpr (ARG) arg[j] = static_cast<int32_t>(r0);
     }
@@ -369,14 +420,13 @@ void pool_block(const scalar_t* x, const acc_t* rowv, int64_t K, int64_t r0, int
   int64_t r = r0 + 1;
   for (; r + 4 <= r1; r += 4) {
     const scalar_t* row = x + r * K + k0;
-    acc_t sc[4];
-    for (int i = 0; i < 4; ++i) sc[i] = SCALE ? rowv[r + i] : acc_t(1);
+    const auto f0 = f.row(r), f1 = f.row(r + 1), f2 = f.row(r + 2), f3 = f.row(r + 3);
     const M i0 = M{} + static_cast<Lane<acc_t>>(r);
     int64_t j = 0;
     for (; j + W <= len; j += W) {
-      V v0 = vload<acc_t>(row + j), v1 = vload<acc_t>(row + K + j);
-      V v2 = vload<acc_t>(row + 2 * K + j), v3 = vload<acc_t>(row + 3 * K + j);
-      if constexpr (SCALE) v0 *= sc[0], v1 *= sc[1], v2 *= sc[2], v3 *= sc[3];
+      const int64_t k = k0 + j;
+      const V v0 = f0.vec(vload<acc_t>(row + j), k), v1 = f1.vec(vload<acc_t>(row + K + j), k);
+      const V v2 = f2.vec(vload<acc_t>(row + 2 * K + j), k), v3 = f3.vec(vload<acc_t>(row + 3 * K + j), k);
       vstore<acc_t>(sum + j, vload<acc_t>(sum + j) + ((v0 + v1) + (v2 + v3)));
       const M b01 = v1 > v0, b23 = v3 > v2;
       const V m01 = b01 ? v1 : v0, m23 = b23 ? v3 : v2;
@@ -392,12 +442,13 @@ void pool_block(const scalar_t* x, const acc_t* rowv, int64_t K, int64_t r0, int
       }
     }
     for (; j < len; ++j) {
+      const acc_t vs[4] = {f0.one(static_cast<acc_t>(row[j]), k0 + j), f1.one(static_cast<acc_t>(row[K + j]), k0 + j),
+                           f2.one(static_cast<acc_t>(row[2 * K + j]), k0 + j),
+                           f3.one(static_cast<acc_t>(row[3 * K + j]), k0 + j)};
       for (int i = 0; i < 4; ++i) {
-        acc_t v = static_cast<acc_t>(row[i * K + j]);
-        if constexpr (SCALE) v *= sc[i];
-        sum[j] += v;
-        if (v > max[j]) {
-          max[j] = v;
+        sum[j] += vs[i];
+        if (vs[i] > max[j]) {
+          max[j] = vs[i];
           if constexpr (ARG) arg[j] = static_cast<int32_t>(r + i);
         }
       }
@@ -405,10 +456,9 @@ void pool_block(const scalar_t* x, const acc_t* rowv, int64_t K, int64_t r0, int
   }
   for (; r < r1; ++r) {
     const scalar_t* row = x + r * K + k0;
-    const acc_t sc = SCALE ? rowv[r] : acc_t(1);
+    const auto fr = f.row(r);
     for (int64_t j = 0; j < len; ++j) {
-      acc_t v = static_cast<acc_t>(row[j]);
-      if constexpr (SCALE) v *= sc;
+      const acc_t v = fr.one(static_cast<acc_t>(row[j]), k0 + j);
       sum[j] += v;
       if (v > max[j]) {
         max[j] = v;
@@ -418,29 +468,20 @@ void pool_block(const scalar_t* x, const acc_t* rowv, int64_t K, int64_t r0, int
   }
 }
 
-// Pools of each of one sample's R rows (along K); colv scales column k when given.
-template <typename scalar_t, typename acc_t, bool ARG>
-void sample_pool_rows(const scalar_t* x, const acc_t* colv, int64_t R, int64_t K, acc_t* sum, acc_t* max,
-                      int32_t* arg) {
+// Pools of each of one sample's R rows (along K), row r transformed by f.row(r).
+template <typename scalar_t, typename acc_t, bool ARG, typename F>
+void sample_pool_rows(const scalar_t* x, const F& f, int64_t R, int64_t K, acc_t* sum, acc_t* max, int32_t* arg) {
   for_range(R, K, [&](int64_t r) {
-    int32_t* a = ARG ? arg + r : nullptr;
-    if (colv)
-      pool_row<scalar_t, acc_t, true, ARG>(x + r * K, colv, K, sum[r], max[r], a);
-    else
-      pool_row<scalar_t, acc_t, false, ARG>(x + r * K, nullptr, K, sum[r], max[r], a);
+    pool_row<scalar_t, acc_t, ARG>(x + r * K, f.row(r), K, sum[r], max[r], ARG ? arg + r : nullptr);
   });
 }
 
-// Pools of each of one sample's K columns (across the R rows); rowv scales row r when given.
-template <typename scalar_t, typename acc_t, bool ARG>
-void sample_pool_cols(const scalar_t* x, const acc_t* rowv, int64_t R, int64_t K, acc_t* sum, acc_t* max,
-                      int32_t* arg) {
+// Pools of each of one sample's K columns (across the R rows), element (r, k) transformed by f.row(r).
+template <typename scalar_t, typename acc_t, bool ARG, typename F>
+void sample_pool_cols(const scalar_t* x, const F& f, int64_t R, int64_t K, acc_t* sum, acc_t* max, int32_t* arg) {
   const Split s = make_split(1, R, K);
   auto block = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1, acc_t* sp, acc_t* mp, int32_t* ap) {
-    if (rowv)
-      pool_block<scalar_t, acc_t, true, ARG>(x, rowv, K, r0, r1, k0, k1, sp, mp, ap);
-    else
-      pool_block<scalar_t, acc_t, false, ARG>(x, nullptr, K, r0, r1, k0, k1, sp, mp, ap);
+    pool_block<scalar_t, acc_t, ARG>(x, f, K, r0, r1, k0, k1, sp, mp, ap);
   };
   if (s.r_blocks == 1) {
     for_blocks(s, [&](int64_t, int64_t, int64_t, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
@@ -562,10 +603,11 @@ void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, 
 
 // out = (x * chan) * pos for one sample's rows; chan (the channel gate, multiplied first as in the reference) and
 // pos (the spatial gate) are row or column vectors depending on the layout. With RES, the tail of a residual block
-// is taken into the same pass: out = relu((x * chan) * pos + res).
-template <typename scalar_t, typename acc_t, bool RES>
+// is taken into the same pass: out = relu((x * chan) * pos + res). With AFF, x is the affine map t * in_a[c] +
+// in_b[c] of the tensor read (a folded BatchNorm; in_a and in_b are per channel).
+template <typename scalar_t, typename acc_t, bool RES, bool AFF>
 void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
-               int64_t K, const scalar_t* res, scalar_t* out, bool stream) {
+               int64_t K, const scalar_t* res, const acc_t* in_a, const acc_t* in_b, scalar_t* out, bool stream) {
   using V = Vec<acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* __restrict__ xr = x + r * K;
@@ -575,6 +617,15 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
     // the column vector; the reference's rounding order is (x * channel gate) * spatial gate
     const acc_t a = chan_is_row ? chan[r] : pos[r];
     const acc_t* __restrict__ v = chan_is_row ? pos : chan;
+    const acc_t ra = AFF && chan_is_row ? in_a[r] : acc_t(1), rb = AFF && chan_is_row ? in_b[r] : acc_t(0);
+    auto input = [&](acc_t t, int64_t k) {
+      if constexpr (AFF) return chan_is_row ? t * ra + rb : t * in_a[k] + in_b[k];
+      return t;
+    };
+    auto input_v = [&](const V& t, int64_t k) {
+      if constexpr (AFF) return chan_is_row ? t * ra + rb : t * vload<acc_t>(in_a + k) + vload<acc_t>(in_b + k);
+      return t;
+    };
     auto value = [&](acc_t xv, acc_t vv) { return chan_is_row ? xv * a * vv : xv * vv * a; };
     auto tail = [&](acc_t y, int64_t k) {
       if constexpr (RES) {
@@ -583,31 +634,45 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
       }
       return y;
     };
+    auto one = [&](int64_t k) {
+      return static_cast<scalar_t>(tail(value(input(static_cast<acc_t>(xr[k]), k), v[k]), k));
+    };
     if (!stream) {  // plain loop: vectorised by the compiler, no aliasing to check (restrict)
-      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(tail(value(static_cast<acc_t>(xr[k]), v[k]), k));
+      for (int64_t k = 0; k < K; ++k) orow[k] = one(k);
       continue;
     }
     write_row<scalar_t, acc_t>(
         orow, K, true,
         [&](int64_t k) {
-          V y = chan_is_row ? vload<acc_t>(xr + k) * a * vload<acc_t>(v + k) : vload<acc_t>(xr + k) * vload<acc_t>(v + k) * a;
+          const V t = input_v(vload<acc_t>(xr + k), k);
+          V y = chan_is_row ? t * a * vload<acc_t>(v + k) : t * vload<acc_t>(v + k) * a;
           if constexpr (RES) {
             y += vload<acc_t>(rr + k);
             y = y < 0 ? V{} : y;
           }
           return y;
         },
-        [&](int64_t k) { return static_cast<scalar_t>(tail(value(static_cast<acc_t>(xr[k]), v[k]), k)); });
+        one);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void gate_rows_any(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
-                   int64_t K, const scalar_t* res, scalar_t* out, bool stream) {
-  if (res)
-    gate_rows<scalar_t, acc_t, true>(x, chan, pos, chan_is_row, r0, r1, K, res, out, stream);
+                   int64_t K, const scalar_t* res, const acc_t* in_a, const acc_t* in_b, scalar_t* out, bool stream) {
+  auto run = [&](auto has_res, auto has_aff) {
+    gate_rows<scalar_t, acc_t, decltype(has_res)::value, decltype(has_aff)::value>(x, chan, pos, chan_is_row, r0, r1,
+                                                                                   K, res, in_a, in_b, out, stream);
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (res && in_a)
+    run(yes{}, yes{});
+  else if (res)
+    run(yes{}, no{});
+  else if (in_a)
+    run(no{}, yes{});
   else
-    gate_rows<scalar_t, acc_t, false>(x, chan, pos, chan_is_row, r0, r1, K, nullptr, out, stream);
+    run(no{}, no{});
 }
 
 // A feature map (N, C, H, W) as the dense (N, R, K) array the kernels work on: NCHW-contiguous maps as (N, C, H*W),
@@ -659,22 +724,34 @@ struct GroupPools {
   int32_t* idx_s;    // (G, H*W) first arg-max channel per position, when ARG and spatial
 };
 
-// Channel pools, channel gates and spatial pools of samples [n0, n0 + G) of x.
+// Scratch elements group_pools needs for G samples.
+int64_t pools_scratch(int64_t G, int64_t C, int64_t hidden) { return G * (4 * C + hidden); }
+
+// Channel pools, channel gates and spatial pools of samples [n0, n0 + G) of x. With in_a (and in_b), the module's
+// input is the affine map x * in_a[c] + in_b[c] of the tensor read (a BatchNorm folded in front of the module).
 template <typename scalar_t, typename acc_t, bool ARG>
 void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, const Mlp<acc_t>& mlp, bool avg,
-                 bool max, const GroupPools<acc_t>& o, acc_t* scratch) {
+                 bool max, const acc_t* in_a, const acc_t* in_b, const GroupPools<acc_t>& o, acc_t* scratch) {
   const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols();
   const int n_pools = int(avg) + int(max);
   acc_t* sums = scratch;                      // (G, C)
   acc_t* maxima = max ? o.pooled[n_pools - 1] : scratch + G * C;
   acc_t* act = scratch + 2 * G * C;           // (G, hidden)
+  acc_t* coef = act + G * mlp.hidden;         // (G, 2, C): the input affine times the channel gate
   for_samples(G, [&](int64_t i) {
     const scalar_t* xs = x + (n0 + i) * s.sample();
     int32_t* ic = ARG ? o.idx_c + i * C : nullptr;
-    if (s.cl)
-      sample_pool_cols<scalar_t, acc_t, ARG>(xs, nullptr, R, K, sums + i * C, maxima + i * C, ic);
-    else
-      sample_pool_rows<scalar_t, acc_t, ARG>(xs, nullptr, R, K, sums + i * C, maxima + i * C, ic);
+    acc_t *sm = sums + i * C, *mx = maxima + i * C;
+    if (!in_a) {
+      if (s.cl)
+        sample_pool_cols<scalar_t, acc_t, ARG>(xs, Ident<acc_t>{}, R, K, sm, mx, ic);
+      else
+        sample_pool_rows<scalar_t, acc_t, ARG>(xs, Ident<acc_t>{}, R, K, sm, mx, ic);
+    } else if (s.cl) {
+      sample_pool_cols<scalar_t, acc_t, ARG>(xs, ColAffine<acc_t>{in_a, in_b}, R, K, sm, mx, ic);
+    } else {
+      sample_pool_rows<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{in_a, in_b}, R, K, sm, mx, ic);
+    }
     if (avg)
       for (int64_t c = 0; c < C; ++c) o.pooled[0][i * C + c] = sums[i * C + c] / static_cast<acc_t>(P);
   });
@@ -682,14 +759,34 @@ void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, co
   if (!o.maps) return;
   for_samples(G, [&](int64_t i) {
     const scalar_t* xs = x + (n0 + i) * s.sample();
+    const acc_t* gci = o.gc + i * C;
     acc_t *s_sum = o.maps + i * 2 * P, *s_max = s_sum + P;
     int32_t* is = ARG ? o.idx_s + i * P : nullptr;
-    if (s.cl)
-      sample_pool_rows<scalar_t, acc_t, ARG>(xs, o.gc + i * C, R, K, s_sum, s_max, is);
-    else
-      sample_pool_cols<scalar_t, acc_t, ARG>(xs, o.gc + i * C, R, K, s_sum, s_max, is);
+    if (!in_a) {
+      if (s.cl)
+        sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColScale<acc_t>{gci}, R, K, s_sum, s_max, is);
+      else
+        sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, is);
+    } else {
+      acc_t *ca = coef + i * 2 * C, *cb = ca + C;
+      for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
+      if (s.cl)
+        sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+      else
+        sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+    }
     for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
   });
+}
+
+// The optional input affine (scale, shift) of a folded BatchNorm: both or neither, (C,) in the compute dtype.
+std::pair<const void*, const void*> input_affine(const std::optional<Tensor>& scale, const std::optional<Tensor>& shift,
+                                                 const Tensor& x3, int64_t C) {
+  TORCH_CHECK(given(scale) == given(shift), "cbam_cpu: the input scale and shift come together");
+  if (!given(scale)) return {nullptr, nullptr};
+  check_acc(*scale, x3, {C}, "input scale");
+  check_acc(*shift, x3, {C}, "input shift");
+  return {scale->const_data_ptr(), shift->const_data_ptr()};
 }
 
 template <typename acc_t>
@@ -707,10 +804,12 @@ Mlp<acc_t> make_mlp(const Tensor& x, int64_t C, const Tensor& w1, const std::opt
 
 // Training forward, first part: the channel pools, the channel gate and the spatial pools of every sample, with
 // everything backward needs. Returns pooled (P, N, C), hpre (P, N, hidden), gc (N, C), maps (N, 2, H, W),
-// idx_c (N, C) and idx_s (N, H*W) (the last two int32; maps and idx_s are empty without the spatial gate).
+// idx_c (N, C) and idx_s (N, H*W) (the last two int32; maps and idx_s are empty without the spatial gate). With
+// in_scale and in_shift (C,), the module's input is x * in_scale[c] + in_shift[c] (a folded BatchNorm).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gate(
     const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
-    const std::optional<Tensor>& b2, bool avg, bool max, bool spatial) {
+    const std::optional<Tensor>& b2, bool avg, bool max, bool spatial, const std::optional<Tensor>& in_scale,
+    const std::optional<Tensor>& in_shift) {
   const MapShape s = map_shape(x);
   const Tensor& x3 = s.t;
   TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
@@ -719,13 +818,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
   Tensor pooled = new_acc(x3, {n_pools, N, C}), hpre = new_acc(x3, {n_pools, N, Hd}), gc = new_acc(x3, {N, C});
   Tensor maps = spatial ? new_acc(x3, {N, 2, s.h, s.w}) : new_acc(x3, {0});
   Tensor idx_c = new_index(x3, {N, C}), idx_s = spatial ? new_index(x3, {N, P}) : new_index(x3, {0});
+  const auto in_ab = input_affine(in_scale, in_shift, x3, C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "pools_and_channel_gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
     acc_t *pp = pooled.mutable_data_ptr<acc_t>(), *hp = hpre.mutable_data_ptr<acc_t>();
     const int64_t G = group_size(s, sizeof(scalar_t));
-    std::vector<acc_t> scratch(G * (2 * C + Hd));
+    std::vector<acc_t> scratch(pools_scratch(G, C, Hd));
     for (int64_t n0 = 0; n0 < N; n0 += G) {
       const int64_t g = std::min(G, N - n0);
       GroupPools<acc_t> o{{pp + n0 * C, pp + (N + n0) * C},
@@ -734,7 +834,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
                           spatial ? maps.mutable_data_ptr<acc_t>() + n0 * 2 * P : nullptr,
                           idx_c.mutable_data_ptr<int32_t>() + n0 * C,
                           spatial ? idx_s.mutable_data_ptr<int32_t>() + n0 * P : nullptr};
-      group_pools<scalar_t, acc_t, true>(xp, s, n0, g, mlp, avg, max, o, scratch.data());
+      group_pools<scalar_t, acc_t, true>(xp, s, n0, g, mlp, avg, max, static_cast<const acc_t*>(in_ab.first),
+                                         static_cast<const acc_t*>(in_ab.second), o, scratch.data());
     }
   });
   return {pooled, hpre, gc, maps, idx_c, idx_s};
@@ -744,10 +845,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
 // pools, channel gate, spatial pools, convolution (weight (1, 2, k, k), bias), the affine normalisation
 // z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the gated output.
 // Without a convolution weight the channel gate alone is applied; with a residual, relu(out + residual) is returned.
+// With in_scale and in_shift (C,), the module's input is x * in_scale[c] + in_shift[c] (a folded BatchNorm).
 Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
                          const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
                          const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
-                         const std::optional<Tensor>& residual) {
+                         const std::optional<Tensor>& residual, const std::optional<Tensor>& in_scale,
+                         const std::optional<Tensor>& in_shift) {
   const MapShape s = map_shape(x);
   const Tensor& x3 = s.t;
   const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
@@ -761,6 +864,7 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
   }
   check_acc(norm_scale, x3, {1}, "norm scale");
   check_acc(norm_shift, x3, {1}, "norm shift");
+  const auto in_ab = input_affine(in_scale, in_shift, x3, s.c);
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -775,15 +879,16 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
     const int64_t G = group_size(s, sizeof(scalar_t));
     const int n_pools = int(avg) + int(max);
     const bool stream = stream_output(out);
-    std::vector<acc_t> buf(G * (2 * C + Hd) + G * C * n_pools + G * C + G * 3 * P);
-    acc_t *scratch = buf.data(), *pooled = scratch + G * (2 * C + Hd), *gc = pooled + G * C * n_pools;
+    const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
+    std::vector<acc_t> buf(pools_scratch(G, C, Hd) + G * C * n_pools + G * C + G * 3 * P);
+    acc_t *scratch = buf.data(), *pooled = scratch + pools_scratch(G, C, Hd), *gc = pooled + G * C * n_pools;
     acc_t *maps = gc + G * C, *gs = maps + G * 2 * P;
     if (!spatial) std::fill(gs, gs + G * P, acc_t(1));
     for (int64_t n0 = 0; n0 < N; n0 += G) {
       const int64_t g = std::min(G, N - n0);
       GroupPools<acc_t> o{{pooled, pooled + G * C}, {nullptr, nullptr}, gc, spatial ? maps : nullptr, nullptr,
                           nullptr};
-      group_pools<scalar_t, acc_t, false>(xp, s, n0, g, mlp, avg, max, o, scratch);
+      group_pools<scalar_t, acc_t, false>(xp, s, n0, g, mlp, avg, max, in_a, in_b, o, scratch);
       for_samples(g, [&](int64_t i) {
         if (spatial) {
           acc_t* gsi = gs + i * P;
@@ -793,7 +898,7 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
         const int64_t base = (n0 + i) * s.sample();
         for_range(s.rows(), s.cols(), [&](int64_t r) {
           gate_rows_any(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), rp ? rp + base : nullptr,
-                        op + base, stream);
+                        in_a, in_b, op + base, stream);
         });
       });
     }
@@ -801,13 +906,16 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
   return out;
 }
 
-// out = (x * chan) * pos for a batch, chan (N, C) and pos (N, H*W); with a residual, relu(out + residual).
-Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::optional<Tensor>& residual) {
+// out = (x * chan) * pos for a batch, chan (N, C) and pos (N, H*W); with a residual, relu(out + residual); with
+// in_scale and in_shift (C,), x * in_scale[c] + in_shift[c] in place of x.
+Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::optional<Tensor>& residual,
+            const std::optional<Tensor>& in_scale, const std::optional<Tensor>& in_shift) {
   const MapShape s = map_shape(x);
   const Tensor& x3 = s.t;
   check_acc(chan, x3, {s.n, s.c}, "chan");
   check_acc(pos, x3, {s.n, s.p()}, "pos");
   const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
+  const auto in_ab = input_affine(in_scale, in_shift, x3, s.c);
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -819,8 +927,8 @@ Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::o
     const bool stream = stream_output(out);
     for_range(s.n * R, K, [&](int64_t i) {
       const int64_t n = i / R, r = i % R;
-      gate_rows_any(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rp ? rp + n * S : nullptr, op + n * S,
-                    stream);
+      gate_rows_any(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rp ? rp + n * S : nullptr,
+                    static_cast<const acc_t*>(in_ab.first), static_cast<const acc_t*>(in_ab.second), op + n * S, stream);
     });
   });
   return out;
@@ -892,10 +1000,11 @@ std::tuple<Tensor, Tensor> spatial_conv_backward(const Tensor& d, const Tensor& 
 }
 
 // ------------------------------------------------------------------------------------------------ backward sums
-// t = a * b (or a alone). rows[r] = sum_k t * colv[k] (when ROWS); cols[k] = sum_r t * rowv[r] (when COLS).
-template <typename scalar_t, typename acc_t, bool HAS_B, bool ROWS, bool COLS>
-void cross_block(const scalar_t* a, const scalar_t* b, const acc_t* rowv, const acc_t* colv, int64_t K, int64_t r0,
-                 int64_t r1, int64_t k0, int64_t k1, acc_t* rows, acc_t* cols) {
+// t = f(a) * b (or f(a) alone, f an element transform). rows[r] = sum_k t * colv[k] (when ROWS); cols[k] =
+// sum_r t * rowv[r] (when COLS).
+template <typename scalar_t, typename acc_t, bool HAS_B, bool ROWS, bool COLS, typename F>
+void cross_block(const scalar_t* a, const scalar_t* b, const F& f, const acc_t* rowv, const acc_t* colv, int64_t K,
+                 int64_t r0, int64_t r1, int64_t k0, int64_t k1, acc_t* rows, acc_t* cols) {
   constexpr int W = kWidth<acc_t>;
   using V = Vec<acc_t>;
   const int64_t len = k1 - k0;
@@ -905,17 +1014,18 @@ void cross_block(const scalar_t* a, const scalar_t* b, const acc_t* rowv, const 
     const scalar_t* br = HAS_B ? b + r * K + k0 : nullptr;
     const acc_t rv = COLS ? rowv[r] : acc_t(0);
     const acc_t* cv = ROWS ? colv + k0 : nullptr;
+    const auto fr = f.row(r);
     V lanes{};
     int64_t j = 0;
     for (; j + W <= len; j += W) {
-      V t = vload<acc_t>(ar + j);
+      V t = fr.vec(vload<acc_t>(ar + j), k0 + j);
       if constexpr (HAS_B) t *= vload<acc_t>(br + j);
       if constexpr (ROWS) lanes += t * vload<acc_t>(cv + j);
       if constexpr (COLS) vstore<acc_t>(cols + j, vload<acc_t>(cols + j) + t * rv);
     }
     acc_t tail = 0;
     for (; j < len; ++j) {
-      acc_t t = static_cast<acc_t>(ar[j]);
+      acc_t t = fr.one(static_cast<acc_t>(ar[j]), k0 + j);
       if constexpr (HAS_B) t *= static_cast<acc_t>(br[j]);
       if constexpr (ROWS) tail += t * cv[j];
       if constexpr (COLS) cols[j] += t * rv;
@@ -924,8 +1034,18 @@ void cross_block(const scalar_t* a, const scalar_t* b, const acc_t* rowv, const 
   }
 }
 
+// Block partial sums (N, blocks, ...), added in block order.
+Tensor combine_blocks(const Tensor& partial) {
+  Tensor total = partial.select(1, 0).clone();
+  for (int64_t i = 1; i < partial.size(1); ++i) total.add_(partial.select(1, i));
+  return total;
+}
+
+// rows and / or cols of cross_block over a batch. shift (optional, compute dtype) is added to a first: per row
+// (length R) or per column (length K) as shift_rows says.
 template <bool HAS_B, bool ROWS, bool COLS>
-std::tuple<Tensor, Tensor> cross_impl(const Tensor& a, const Tensor& b, const Tensor& rowv, const Tensor& colv) {
+std::tuple<Tensor, Tensor> cross_impl(const Tensor& a, const Tensor& b, const Tensor& rowv, const Tensor& colv,
+                                      const Tensor& shift = Tensor(), bool shift_rows = false) {
   check_map(a, "a");
   const int64_t N = a.size(0), R = a.size(1), K = a.size(2);
   if constexpr (HAS_B) {
@@ -945,20 +1065,27 @@ std::tuple<Tensor, Tensor> cross_impl(const Tensor& a, const Tensor& b, const Te
     const acc_t* cvp = ROWS ? colv.const_data_ptr<acc_t>() : nullptr;
     acc_t* rowsp = ROWS ? rows.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* colsp = COLS ? cols.mutable_data_ptr<acc_t>() : nullptr;
-    for_blocks(s, [&](int64_t n, int64_t rb, int64_t kb, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
-      const int64_t base = n * R * K;
-      cross_block<scalar_t, acc_t, HAS_B, ROWS, COLS>(
-          ap + base, HAS_B ? bp + base : nullptr, COLS ? rvp + n * R : nullptr, ROWS ? cvp + n * K : nullptr, K, r0,
-          r1, k0, k1, ROWS ? rowsp + (n * s.k_blocks + kb) * R : nullptr,
-          COLS ? colsp + (n * s.r_blocks + rb) * K + k0 : nullptr);
-    });
+    auto run = [&](const auto& f) {
+      for_blocks(s, [&](int64_t n, int64_t rb, int64_t kb, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+        const int64_t base = n * R * K;
+        cross_block<scalar_t, acc_t, HAS_B, ROWS, COLS>(
+            ap + base, HAS_B ? bp + base : nullptr, f, COLS ? rvp + n * R : nullptr, ROWS ? cvp + n * K : nullptr, K,
+            r0, r1, k0, k1, ROWS ? rowsp + (n * s.k_blocks + kb) * R : nullptr,
+            COLS ? colsp + (n * s.r_blocks + rb) * K + k0 : nullptr);
+      });
+    };
+    if (!shift.defined()) {
+      run(Ident<acc_t>{});
+    } else {
+      check_acc(shift, a, {shift_rows ? R : K}, "shift");
+      const acc_t* sp = shift.const_data_ptr<acc_t>();
+      if (shift_rows)
+        run(RowShift<acc_t>{sp});
+      else
+        run(ColShift<acc_t>{sp});
+    }
   });
-  auto combine = [](const Tensor& partial) {  // block partial sums, added in block order
-    Tensor total = partial.select(1, 0).clone();
-    for (int64_t i = 1; i < partial.size(1); ++i) total.add_(partial.select(1, i));
-    return total;
-  };
-  return {ROWS ? combine(rows) : Tensor(), COLS ? combine(cols) : Tensor()};
+  return {ROWS ? combine_blocks(rows) : Tensor(), COLS ? combine_blocks(cols) : Tensor()};
 }
 
 // The dense (N, R, K) view of a map laid out as s.
@@ -977,13 +1104,194 @@ std::tuple<Tensor, Tensor> cross_sums(const Tensor& dout, const Tensor& x, const
   return cross_impl<true, true, true>(rows_view(s, d), rows_view(s, s.t), chan, pos);
 }
 
+// Batch statistics of a BatchNorm folded in front of the module, from one read of y: per channel, the sums of
+// y - pivot and (y - pivot)^2 over the batch and positions, pivot = the channel's first element (close to the
+// channel's mean for any sensible map, so the variance is not lost to cancellation). Rows of a block: per-row sums
+// (NCHW) or per-column sums accumulated across the block's rows (channels-last).
+template <typename scalar_t, typename acc_t, bool CHAN_IS_ROW>
+void stats_block(const scalar_t* y, const acc_t* pivot, int64_t R, int64_t K, int64_t r0, int64_t r1, int64_t k0,
+                 int64_t k1, acc_t* rows, acc_t* cols) {
+  constexpr int W = kWidth<acc_t>;
+  using V = Vec<acc_t>;
+  const int64_t len = k1 - k0;
+  if constexpr (!CHAN_IS_ROW) std::fill(cols, cols + len, acc_t(0)), std::fill(cols + K, cols + K + len, acc_t(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* yr = y + r * K + k0;
+    if constexpr (CHAN_IS_ROW) {
+      const acc_t p = pivot[r];
+      V s1{}, s2{};
+      int64_t j = 0;
+      for (; j + W <= len; j += W) {
+        const V z = vload<acc_t>(yr + j) - p;
+        s1 += z, s2 += z * z;
+      }
+      acc_t t1 = hsum<acc_t>(s1), t2 = hsum<acc_t>(s2);
+      for (; j < len; ++j) {
+        const acc_t z = static_cast<acc_t>(yr[j]) - p;
+        t1 += z, t2 += z * z;
+      }
+      rows[r] = t1, rows[R + r] = t2;
+    } else {
+      const acc_t* p = pivot + k0;
+      acc_t *c1 = cols, *c2 = cols + K;
+      int64_t j = 0;
+      for (; j + W <= len; j += W) {
+        const V z = vload<acc_t>(yr + j) - vload<acc_t>(p + j);
+        vstore<acc_t>(c1 + j, vload<acc_t>(c1 + j) + z);
+        vstore<acc_t>(c2 + j, vload<acc_t>(c2 + j) + z * z);
+      }
+      for (; j < len; ++j) {
+        const acc_t z = static_cast<acc_t>(yr[j]) - p[j];
+        c1[j] += z, c2[j] += z * z;
+      }
+    }
+  }
+}
+
+// Per-channel batch mean and biased variance of a map (what BatchNorm normalises with in training), in the
+// compute dtype; the sums are combined in a fixed order (independent of the thread count).
+std::tuple<Tensor, Tensor> channel_stats(const Tensor& y) {
+  const MapShape s = map_shape(y, "y");
+  const int64_t N = s.n, C = s.c, R = s.rows(), K = s.cols();
+  const Split sp = make_split(N, R, K);
+  Tensor pivot = new_acc(s.t, {C});
+  Tensor rows = s.cl ? new_acc(s.t, {N, sp.k_blocks, 2, 0}) : new_acc(s.t, {N, sp.k_blocks, 2, R});
+  Tensor cols = s.cl ? new_acc(s.t, {N, sp.r_blocks, 2, K}) : new_acc(s.t, {N, sp.r_blocks, 2, 0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.t.scalar_type(), "channel_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* yp = s.t.const_data_ptr<scalar_t>();
+    acc_t* pv = pivot.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) pv[c] = static_cast<acc_t>(yp[s.cl ? c : c * K]);
+    acc_t *rp = rows.mutable_data_ptr<acc_t>(), *cp = cols.mutable_data_ptr<acc_t>();
+    const int64_t S = s.sample();
+    for_blocks(sp, [&](int64_t n, int64_t rb, int64_t kb, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      if (s.cl)
+        stats_block<scalar_t, acc_t, false>(yp + n * S, pv, R, K, r0, r1, k0, k1, nullptr,
+                                            cp + (n * sp.r_blocks + rb) * 2 * K + k0);
+      else
+        stats_block<scalar_t, acc_t, true>(yp + n * S, pv, R, K, r0, r1, k0, k1,
+                                           rp + (n * sp.k_blocks + kb) * 2 * R, nullptr);
+    });
+  });
+  Tensor sums = combine_blocks(s.cl ? cols : rows);  // (N, 2, C)
+  Tensor total = sums.select(0, 0).clone();
+  for (int64_t n = 1; n < N; ++n) total.add_(sums.select(0, n));
+  const double count = static_cast<double>(N * s.p());
+  Tensor shift = total.select(0, 0).div(count);
+  Tensor mean = pivot.add(shift);
+  Tensor var = total.select(0, 1).div(count).sub(shift.mul(shift)).clamp_min_(0);
+  return {mean, var};
+}
+
+// The cross sums of a module whose input is x = y * in_scale[c] + in_shift[c] (a BatchNorm folded in front of it),
+// from one read of dout and y, for one block. With z = y - center[c] and chan_a = in_scale * gc, chan_b =
+// in_shift * gc (per sample and channel):
+//   per channel:  sum_p dout * pos[p] * z,  sum_p dout * pos[p],  sum_p z   (three sums)
+//   per position: sum_c dout * (y * chan_a[c] + chan_b[c])                     (= sum_c dout * x * gc)
+// Channels are rows in NCHW (CHAN_IS_ROW) and columns in channels-last. rows: [sums][R] partials of this column
+// block; cols: [sums][K] partials of this row block (from column k0).
+template <typename scalar_t, typename acc_t, bool CHAN_IS_ROW>
+void affine_cross_block(const scalar_t* d, const scalar_t* y, const acc_t* pos, const acc_t* ca, const acc_t* cb,
+                        const acc_t* ctr, int64_t R, int64_t K, int64_t r0, int64_t r1, int64_t k0, int64_t k1,
+                        acc_t* rows, acc_t* cols) {
+  constexpr int W = kWidth<acc_t>;
+  using V = Vec<acc_t>;
+  const int64_t len = k1 - k0;
+  const int64_t n_cols = CHAN_IS_ROW ? 1 : 3;
+  for (int64_t q = 0; q < n_cols; ++q) std::fill(cols + q * K, cols + q * K + len, acc_t(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* dr = d + r * K + k0;
+    const scalar_t* yr = y + r * K + k0;
+    if constexpr (CHAN_IS_ROW) {  // row r is channel r
+      const acc_t c0 = ctr[r], a = ca[r], b = cb[r];
+      const acc_t* g = pos + k0;
+      acc_t* dp = cols;
+      V t{}, u{}, zs{};
+      int64_t j = 0;
+      for (; j + W <= len; j += W) {
+        const V dv = vload<acc_t>(dr + j), yv = vload<acc_t>(yr + j);
+        const V z = yv - c0, dg = dv * vload<acc_t>(g + j);
+        t += dg * z, u += dg, zs += z;
+        vstore<acc_t>(dp + j, vload<acc_t>(dp + j) + dv * (yv * a + b));
+      }
+      acc_t tt = hsum<acc_t>(t), uu = hsum<acc_t>(u), zz = hsum<acc_t>(zs);
+      for (; j < len; ++j) {
+        const acc_t dv = static_cast<acc_t>(dr[j]), yv = static_cast<acc_t>(yr[j]);
+        const acc_t z = yv - c0, dg = dv * g[j];
+        tt += dg * z, uu += dg, zz += z;
+        dp[j] += dv * (yv * a + b);
+      }
+      rows[r] = tt, rows[R + r] = uu, rows[2 * R + r] = zz;
+    } else {  // row r is position r, columns are channels
+      const acc_t g = pos[r];
+      const acc_t *c0 = ctr + k0, *a = ca + k0, *b = cb + k0;
+      acc_t *ct = cols, *cu = cols + K, *cz = cols + 2 * K;
+      V lanes{};
+      int64_t j = 0;
+      for (; j + W <= len; j += W) {
+        const V dv = vload<acc_t>(dr + j), yv = vload<acc_t>(yr + j);
+        const V z = yv - vload<acc_t>(c0 + j), dg = dv * g;
+        vstore<acc_t>(ct + j, vload<acc_t>(ct + j) + dg * z);
+        vstore<acc_t>(cu + j, vload<acc_t>(cu + j) + dg);
+        vstore<acc_t>(cz + j, vload<acc_t>(cz + j) + z);
+        lanes += dv * (yv * vload<acc_t>(a + j) + vload<acc_t>(b + j));
+      }
+      acc_t tail = 0;
+      for (; j < len; ++j) {
+        const acc_t dv = static_cast<acc_t>(dr[j]), yv = static_cast<acc_t>(yr[j]);
+        const acc_t z = yv - c0[j], dg = dv * g;
+        ct[j] += dg * z, cu[j] += dg, cz[j] += z;
+        tail += dv * (yv * a[j] + b[j]);
+      }
+      rows[r] = hsum<acc_t>(lanes) + tail;
+    }
+  }
+}
+
+// affine_cross_block over a batch: returns chan_sums (N, 3, C) and d_pos (N, H*W).
+std::tuple<Tensor, Tensor> affine_cross_sums(const Tensor& dout, const Tensor& y, const Tensor& pos,
+                                             const Tensor& chan_a, const Tensor& chan_b, const Tensor& center) {
+  const MapShape s = map_shape(y, "y");
+  const Tensor d = s.like(dout, "dout");
+  const int64_t N = s.n, C = s.c, P = s.p(), R = s.rows(), K = s.cols();
+  check_acc(pos, s.t, {N, P}, "pos");
+  check_acc(chan_a, s.t, {N, C}, "chan_a");
+  check_acc(chan_b, s.t, {N, C}, "chan_b");
+  check_acc(center, s.t, {C}, "center");
+  const Split sp = make_split(N, R, K);
+  const int64_t n_rows = s.cl ? 1 : 3, n_cols = s.cl ? 3 : 1;
+  Tensor rows = new_acc(s.t, {N, sp.k_blocks, n_rows, R}), cols = new_acc(s.t, {N, sp.r_blocks, n_cols, K});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.t.scalar_type(), "affine_cross_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *dp = d.const_data_ptr<scalar_t>(), *yp = s.t.const_data_ptr<scalar_t>();
+    const acc_t *pp = pos.const_data_ptr<acc_t>(), *ap = chan_a.const_data_ptr<acc_t>();
+    const acc_t *bp = chan_b.const_data_ptr<acc_t>(), *cp = center.const_data_ptr<acc_t>();
+    acc_t *rp = rows.mutable_data_ptr<acc_t>(), *colp = cols.mutable_data_ptr<acc_t>();
+    const int64_t S = s.sample();
+    for_blocks(sp, [&](int64_t n, int64_t rb, int64_t kb, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
+      acc_t* rows_at = rp + (n * sp.k_blocks + kb) * n_rows * R;
+      acc_t* cols_at = colp + (n * sp.r_blocks + rb) * n_cols * K + k0;
+      if (s.cl)
+        affine_cross_block<scalar_t, acc_t, false>(dp + n * S, yp + n * S, pp + n * P, ap + n * C, bp + n * C, cp, R,
+                                                   K, r0, r1, k0, k1, rows_at, cols_at);
+      else
+        affine_cross_block<scalar_t, acc_t, true>(dp + n * S, yp + n * S, pp + n * P, ap + n * C, bp + n * C, cp, R,
+                                                  K, r0, r1, k0, k1, rows_at, cols_at);
+    });
+  });
+  const Tensor per_row = combine_blocks(rows), per_col = combine_blocks(cols);  // (N, sums, R), (N, sums, K)
+  return s.cl ? std::make_tuple(per_col, per_row.view({N, P})) : std::make_tuple(per_row, per_col.view({N, P}));
+}
+
 // d_chan[n, c] = sum_p x * pos_weight[p] + sum over the positions p whose arg-max channel is c of x * pos_max[p]
-// (the two spatial maps' terms of the channel gate's gradient).
-Tensor channel_weighted_sum(const Tensor& x, const Tensor& pos_weight, const Tensor& pos_arg, const Tensor& pos_max) {
+// (the two spatial maps' terms of the channel gate's gradient). With center (C,), x - center[c] in place of x.
+Tensor channel_weighted_sum(const Tensor& x, const Tensor& pos_weight, const Tensor& pos_arg, const Tensor& pos_max,
+                            const std::optional<Tensor>& center) {
   const MapShape s = map_shape(x);
   const Tensor x3 = rows_view(s, s.t);
-  Tensor out = s.cl ? std::get<1>(cross_impl<false, false, true>(x3, Tensor(), pos_weight, Tensor()))
-                    : std::get<0>(cross_impl<false, true, false>(x3, Tensor(), Tensor(), pos_weight));
+  const Tensor shift = given(center) ? center->neg() : Tensor();
+  Tensor out = s.cl ? std::get<1>(cross_impl<false, false, true>(x3, Tensor(), pos_weight, Tensor(), shift, false))
+                    : std::get<0>(cross_impl<false, true, false>(x3, Tensor(), Tensor(), pos_weight, shift, true));
   const int64_t N = s.n, C = s.c, P = s.p(), S = s.sample();
   TORCH_CHECK(pos_arg.scalar_type() == at::kInt && pos_arg.is_contiguous() && pos_arg.sizes() == at::IntArrayRef({N, P}),
               "cbam_cpu: pos_arg must be a contiguous int32 (N, H*W) tensor");
@@ -993,12 +1301,13 @@ Tensor channel_weighted_sum(const Tensor& x, const Tensor& pos_weight, const Ten
     const scalar_t* xp = s.t.const_data_ptr<scalar_t>();
     const int32_t* ap = pos_arg.const_data_ptr<int32_t>();
     const acc_t* mp = pos_max.const_data_ptr<acc_t>();
+    const acc_t* cp = shift.defined() ? center->const_data_ptr<acc_t>() : nullptr;
     acc_t* op = out.mutable_data_ptr<acc_t>();
     for_samples(N, [&](int64_t n) {  // sparse: one element per position
       for (int64_t p = 0; p < P; ++p) {
         const int64_t c = ap[n * P + p];
-        const scalar_t v = xp[n * S + (s.cl ? p * C + c : c * P + p)];
-        op[n * C + c] += static_cast<acc_t>(v) * mp[n * P + p];
+        const acc_t v = static_cast<acc_t>(xp[n * S + (s.cl ? p * C + c : c * P + p)]) - (cp ? cp[c] : acc_t(0));
+        op[n * C + c] += v * mp[n * P + p];
       }
     });
   });
@@ -1011,10 +1320,12 @@ Tensor channel_weighted_sum(const Tensor& x, const Tensor& pos_weight, const Ten
 // with per-position (N, H*W) and per-channel (N, C) vectors: for CBAM, the spatial gate, the average map's
 // gradient / C, the max map's gradient routed to its arg-max channel, the channel gate, the average pool's
 // gradient / (H*W) and the max pool's gradient routed to its arg-max position. The arg-max terms are optional.
-template <typename scalar_t, typename acc_t, bool POS_MAX, bool CHAN_MAX>
+// With YT, + y_mul[c] * (y[c, p] - center[c]) (the batch-statistics term of a BatchNorm folded in front).
+template <typename scalar_t, typename acc_t, bool POS_MAX, bool CHAN_MAX, bool YT>
 void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int64_t K, bool channels_last,
                      const acc_t* pm, const acc_t* pa, const int32_t* parg, const acc_t* pmax, const acc_t* cm,
-                     const acc_t* ca, const int32_t* carg, const acc_t* cmax, bool stream) {
+                     const acc_t* ca, const int32_t* carg, const acc_t* cmax, const scalar_t* yp, const acc_t* ym,
+                     const acc_t* yc, bool stream) {
   using V = Vec<acc_t>;
   using M = Mask<acc_t>;
   using I = Lane<acc_t>;
@@ -1023,6 +1334,7 @@ void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int
   for (int l = 0; l < kWidth<acc_t>; ++l) lane[l] = l;
   for_range(N * R, K, [&](int64_t i) {
     const scalar_t* dr = dp + i * K;
+    const scalar_t* yr = YT ? yp + i * K : nullptr;
     scalar_t* orow = op + i * K;
     const int64_t n = i / R, r = i % R;
     if (!channels_last) {  // row r is channel r, k is the position
@@ -1032,6 +1344,7 @@ void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int
       const acc_t* pmaxr = POS_MAX ? pmax + n * P : nullptr;
       const int64_t at = CHAN_MAX ? carg[n * C + r] : -1;
       const acc_t extra = CHAN_MAX ? cmax[n * C + r] : acc_t(0);
+      const acc_t lb = YT ? ym[r] : acc_t(0), lc = YT ? yc[r] : acc_t(0);
       write_row<scalar_t, acc_t>(
           orow, K, stream,
           [&](int64_t k) {
@@ -1039,12 +1352,15 @@ void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int
             if constexpr (POS_MAX) u += vload_index<acc_t>(pargr + k) == static_cast<I>(r) ? vload<acc_t>(pmaxr + k) : V{};
             V v = u * m + c;
             if constexpr (CHAN_MAX) v += lane + static_cast<I>(k) == static_cast<I>(at) ? V{} + extra : V{};
+            if constexpr (YT) v += (vload<acc_t>(yr + k) - lc) * lb;
             return v;
           },
           [&](int64_t k) {
             acc_t u = static_cast<acc_t>(dr[k]) * pmr[k] + par[k];
             if constexpr (POS_MAX) u += pargr[k] == r ? pmaxr[k] : acc_t(0);
-            return static_cast<scalar_t>(u * m + c + (k == at ? extra : acc_t(0)));
+            acc_t v = u * m + c + (k == at ? extra : acc_t(0));
+            if constexpr (YT) v += (static_cast<acc_t>(yr[k]) - lc) * lb;
+            return static_cast<scalar_t>(v);
           });
     } else {  // row r is position r, k is the channel
       const acc_t m = pm[n * P + r], c = pa[n * P + r];
@@ -1060,12 +1376,14 @@ void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int
             if constexpr (POS_MAX) u += lane + static_cast<I>(k) == static_cast<I>(at) ? V{} + extra : V{};
             V v = u * vload<acc_t>(cmr + k) + vload<acc_t>(car + k);
             if constexpr (CHAN_MAX) v += vload_index<acc_t>(cargr + k) == static_cast<I>(r) ? vload<acc_t>(cmaxr + k) : V{};
+            if constexpr (YT) v += (vload<acc_t>(yr + k) - vload<acc_t>(yc + k)) * vload<acc_t>(ym + k);
             return v;
           },
           [&](int64_t k) {
             const acc_t u = static_cast<acc_t>(dr[k]) * m + c + (k == at ? extra : acc_t(0));
             acc_t v = u * cmr[k] + car[k];
             if constexpr (CHAN_MAX) v += cargr[k] == r ? cmaxr[k] : acc_t(0);
+            if constexpr (YT) v += (static_cast<acc_t>(yr[k]) - yc[k]) * ym[k];
             return static_cast<scalar_t>(v);
           });
     }
@@ -1074,7 +1392,8 @@ void input_grad_rows(const scalar_t* dp, scalar_t* op, int64_t N, int64_t R, int
 
 Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_add, const std::optional<Tensor>& pos_arg,
                   const std::optional<Tensor>& pos_max, const Tensor& chan_mul, const Tensor& chan_add,
-                  const std::optional<Tensor>& chan_arg, const std::optional<Tensor>& chan_max) {
+                  const std::optional<Tensor>& chan_arg, const std::optional<Tensor>& chan_max,
+                  const std::optional<Tensor>& y, const std::optional<Tensor>& y_mul, const std::optional<Tensor>& center) {
   const MapShape s = map_shape(dout, "dout");
   const Tensor& d = s.t;
   const bool channels_last = s.cl;
@@ -1092,6 +1411,14 @@ Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_a
   };
   if (pos_terms) check_index(*pos_arg, P, "pos_arg"), check_acc(*pos_max, d, {N, P}, "pos_max");
   if (chan_terms) check_index(*chan_arg, C, "chan_arg"), check_acc(*chan_max, d, {N, C}, "chan_max");
+  const bool y_terms = given(y);
+  TORCH_CHECK(y_terms == given(y_mul) && y_terms == given(center), "cbam_cpu: y, y_mul and center come together");
+  Tensor yt;
+  if (y_terms) {
+    yt = s.like(*y, "y");
+    check_acc(*y_mul, d, {C}, "y_mul");
+    check_acc(*center, d, {C}, "center");
+  }
   Tensor dx = at::empty_like(d);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "input_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1104,9 +1431,17 @@ Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_a
     const int32_t* carg = chan_terms ? chan_arg->const_data_ptr<int32_t>() : nullptr;
     const acc_t* cmax = chan_terms ? chan_max->const_data_ptr<acc_t>() : nullptr;
     const bool stream = stream_output(dx);
-auto run = [&](auto pos_max_terms, auto chan_max_terms) {
-      input_grad_rows<scalar_t, acc_t, decltype(pos_max_terms)::value, decltype(chan_max_terms)::value>(
-          dp, op, N, R, K, channels_last, pm, pa, parg, pmax, cm, ca, carg, cmax, stream);
+    const scalar_t* yp = y_terms ? yt.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* ym = y_terms ? y_mul->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* yc = y_terms ? center->const_data_ptr<acc_t>() : nullptr;
+    auto run = [&](auto pos_max_terms, auto chan_max_terms) {
+      constexpr bool PM = decltype(pos_max_terms)::value, CM = decltype(chan_max_terms)::value;
+      if (y_terms)
+        input_grad_rows<scalar_t, acc_t, PM, CM, true>(dp, op, N, R, K, channels_last, pm, pa, parg, pmax, cm, ca,
+                                                       carg, cmax, yp, ym, yc, stream);
+      else
+        input_grad_rows<scalar_t, acc_t, PM, CM, false>(dp, op, N, R, K, channels_last, pm, pa, parg, pmax, cm, ca,
+                                                        carg, cmax, nullptr, nullptr, nullptr, stream);
     };
     using yes = std::true_type;
     using no = std::false_type;
@@ -1140,20 +1475,29 @@ TORCH_LIBRARY(cbam_cpu, m) {
   const std::vector<at::Tag> any_layout{at::Tag::flexible_layout};
   m.def(
       "pools_and_channel_gate(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
-      "bool spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "bool spatial, Tensor? in_scale=None, Tensor? in_shift=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       any_layout);
   m.def(
       "forward_inference(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
-      "Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, Tensor? residual) -> Tensor",
+      "Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, Tensor? residual, "
+      "Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
       any_layout);
-  m.def("gate(Tensor x, Tensor chan, Tensor pos, Tensor? residual) -> Tensor", any_layout);
+  m.def("gate(Tensor x, Tensor chan, Tensor pos, Tensor? residual, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
+        any_layout);
   m.def("spatial_conv(Tensor maps, Tensor weight, Tensor? bias) -> Tensor");
   m.def("spatial_conv_backward(Tensor d, Tensor maps, Tensor weight) -> (Tensor, Tensor)");
   m.def("cross_sums(Tensor dout, Tensor x, Tensor chan, Tensor pos) -> (Tensor, Tensor)", any_layout);
-  m.def("channel_weighted_sum(Tensor x, Tensor pos_weight, Tensor pos_arg, Tensor pos_max) -> Tensor", any_layout);
+  m.def("channel_stats(Tensor y) -> (Tensor, Tensor)", any_layout);
+  m.def(
+      "affine_cross_sums(Tensor dout, Tensor y, Tensor pos, Tensor chan_a, Tensor chan_b, Tensor center) -> "
+      "(Tensor, Tensor)",
+      any_layout);
+  m.def("channel_weighted_sum(Tensor x, Tensor pos_weight, Tensor pos_arg, Tensor pos_max, Tensor? center=None) -> Tensor",
+        any_layout);
   m.def(
       "input_grad(Tensor dout, Tensor pos_mul, Tensor pos_add, Tensor? pos_arg, Tensor? pos_max, Tensor chan_mul, "
-      "Tensor chan_add, Tensor? chan_arg, Tensor? chan_max) -> Tensor",
+      "Tensor chan_add, Tensor? chan_arg, Tensor? chan_max, Tensor? y=None, Tensor? y_mul=None, Tensor? center=None) "
+      "-> Tensor",
       any_layout);
 }
 
@@ -1164,6 +1508,8 @@ TORCH_LIBRARY_IMPL(cbam_cpu, CPU, m) {
   m.impl("spatial_conv", &spatial_conv);
   m.impl("spatial_conv_backward", &spatial_conv_backward);
   m.impl("cross_sums", &cross_sums);
+  m.impl("channel_stats", &channel_stats);
+  m.impl("affine_cross_sums", &affine_cross_sums);
   m.impl("channel_weighted_sum", &channel_weighted_sum);
   m.impl("input_grad", &input_grad);
 }

@@ -1,0 +1,230 @@
+"""The block's last BatchNorm folded into the fused CPU kernels: ``cbam_fused(m, y, residual, norm=bn)`` computes
+``relu(m(bn(y)) + residual)`` without writing ``bn(y)``; every gradient, running statistic and option of
+nn.BatchNorm2d must come out as if the BatchNorm had run on its own."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbam import CBAM, create_model
+from cbam.bench.runner import saved_bytes
+from cbam.layers import cbam_fused as fused_module
+from cbam.layers import fused_cpu
+from cbam.layers.cbam_fused import cbam_fused, norm_folds
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def native(monkeypatch):
+    assert fused_cpu.native_available(), fused_cpu.native_status()
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
+
+
+def _pair(channels: int, dtype=torch.float32, seed: int = 0, cbam_kwargs=None, **bn_kwargs):
+    torch.manual_seed(seed)
+    m = CBAM(channels, reduction=4, **(cbam_kwargs or {})).to(dtype)
+    bn = nn.BatchNorm2d(channels, **bn_kwargs).to(dtype)
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+        if bn.running_mean is not None:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+        if m.spatial is not None and m.spatial.norm is not None:
+            m.spatial.norm.weight.uniform_(0.5, 1.5)
+    return m, bn
+
+
+def _run(m, bn, y, residual, dout, folded: bool):
+    """Output, gradients (input, residual, every parameter) and buffers after one forward and backward."""
+    y = y.detach().clone().requires_grad_()
+    r = None if residual is None else residual.detach().clone().requires_grad_()
+    if folded:
+        out = cbam_fused(m, y, r, norm=bn)
+    else:
+        out = m.forward_reference(bn(y))
+        out = out if r is None else torch.relu(out + r)
+    out.backward(dout)
+    grads = [y.grad] + ([] if r is None else [r.grad])
+    grads += [p.grad for p in (*m.parameters(), *bn.parameters())]
+    return [out, *grads, *(b.clone() for b in (*m.buffers(), *bn.buffers()))]
+
+
+def _assert_close(got, expected, rel):
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        scale = float(e.detach().abs().max()) if e.is_floating_point() else 0.0
+        torch.testing.assert_close(g, e, rtol=rel, atol=rel * scale + 1e-12, msg=f"result {i}")
+
+
+CONFIGS = {
+    "paper": {},
+    "channel-only": {"spatial": False},
+    "avg-only": {"pool_types": ("avg",)},
+    "max-only-no-spatial-norm": {"pool_types": ("max",), "spatial_norm": False},
+}
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "alone"])
+def test_matches_batchnorm_then_reference(fmt, training, config, residual):
+    m, bn = _pair(24, cbam_kwargs=CONFIGS[config])
+    m.train(training), bn.train(training)
+    shape = (5, 24, 7, 9)
+    y = (torch.randn(shape) * 2 + 0.7).contiguous(memory_format=fmt)  # mean and scale far from 0 and 1
+    r = torch.randn(shape).contiguous(memory_format=fmt) if residual else None
+    dout = torch.randn(shape)
+    expected = _run(copy.deepcopy(m), copy.deepcopy(bn), y, r, dout, folded=False)
+    got = _run(copy.deepcopy(m), copy.deepcopy(bn), y, r, dout, folded=True)
+    _assert_close(got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_split_and_group_boundary_in_float64(fmt, training):
+    """Tiny tuning values force every block split and partial-sum combination; float64 leaves only rounding."""
+    m, bn = _pair(20, torch.float64)
+    m.train(training), bn.train(training)
+    shape = (6, 20, 5, 7)
+    y = (torch.randn(shape, dtype=torch.float64) + 0.5).contiguous(memory_format=fmt)
+    r = torch.randn(shape, dtype=torch.float64)
+    dout = torch.randn(shape, dtype=torch.float64)
+    expected = _run(copy.deepcopy(m), copy.deepcopy(bn), y, r, dout, folded=False)
+    previous = torch.ops.cbam_cpu.configure(16, 16, 1, 1)
+    try:
+        got = _run(copy.deepcopy(m), copy.deepcopy(bn), y, r, dout, folded=True)
+    finally:
+        torch.ops.cbam_cpu.configure(*previous)
+    _assert_close(got, expected, 1e-10)
+
+
+class _Tail(nn.Module):
+    def __init__(self, m: CBAM, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.m, self.bn = m, bn
+
+    def forward(self, y, r):
+        return cbam_fused(self.m, y, r, norm=self.bn)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_float64(training):
+    """The analytic backward (BatchNorm's included) against finite differences, for the input, the residual and every
+    parameter of both modules."""
+    m, bn = _pair(6, torch.float64)
+    tail = _Tail(m, bn).train(training)
+    names = [k for k, _ in tail.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in tail.parameters()]
+    y = torch.randn(3, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(y, r, *ps):
+        return torch.func.functional_call(tail, dict(zip(names, ps, strict=True)), (y, r))
+
+    assert torch.autograd.gradcheck(fn, (y, r, *params), eps=1e-6, atol=1e-6)
+
+
+def test_running_statistics_like_batchnorm():
+    """Momentum, cumulative averages (momentum=None), the batch counter, and statistics that are not tracked."""
+    y = torch.randn(4, 8, 5, 5) * 3 + 1
+    for kwargs in ({}, {"momentum": None}, {"momentum": 0.5}, {"track_running_stats": False}, {"affine": False}):
+        m, bn = _pair(8, **kwargs)
+        m_ref, bn_ref = copy.deepcopy(m), copy.deepcopy(bn)
+        for _ in range(3):
+            with torch.no_grad():
+                got = cbam_fused(m, y, norm=bn)
+                expected = m_ref.forward_reference(bn_ref(y))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for (k, a), b in zip(bn.state_dict().items(), bn_ref.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{kwargs} {k}")
+
+
+def test_zero_weight_routes_ties_as_the_unfolded_fused_path():
+    """A zero-initialised BatchNorm weight makes every channel of bn(y) constant: all its elements tie in the channel
+    max pool. The folded kernels pick the first element, as the fused path does on bn(y) itself."""
+    m, bn = _pair(8)
+    with torch.no_grad():
+        bn.weight.zero_()
+    y, r, dout = torch.randn(3, 8, 6, 6), torch.randn(3, 8, 6, 6), torch.randn(3, 8, 6, 6)
+
+    def run(folded):
+        mm, bb = copy.deepcopy(m), copy.deepcopy(bn)
+        yy = y.clone().requires_grad_()
+        out = cbam_fused(mm, yy, r, norm=bb) if folded else cbam_fused(mm, bb(yy), r)
+        out.backward(dout)
+        return [out, yy.grad, bb.weight.grad, bb.bias.grad, *(p.grad for p in mm.parameters())]
+
+    _assert_close(run(True), run(False), 1e-5)
+
+
+def test_when_the_batchnorm_is_not_folded():
+    y = torch.randn(2, 8, 4, 4)
+    bn = nn.BatchNorm2d(8)
+    assert norm_folds(bn, y)
+    assert norm_folds(bn.eval(), torch.randn(1, 8, 1, 1))  # running statistics: any size
+    assert not norm_folds(bn.train(), torch.randn(1, 8, 1, 1))  # BatchNorm itself refuses one value per channel
+    assert not norm_folds(bn, y.bfloat16())
+    assert not norm_folds(nn.SyncBatchNorm(8), y)
+    assert not norm_folds(nn.BatchNorm2d(4), y)
+    seen = []
+    handle = bn.register_forward_hook(lambda mod, args, out: seen.append(out))
+    assert not norm_folds(bn, y)
+    m = CBAM(8, reduction=4)
+    out = cbam_fused(m, y, norm=bn)  # the BatchNorm runs on its own, so its hook sees its output
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape == y.shape
+    torch.testing.assert_close(out, m.forward_reference(seen[0]))
+
+
+def test_a_block_keeps_what_the_plain_block_keeps_plus_small_tensors():
+    """ResNet-50 bottleneck: the normalised map is never kept (the BatchNorm's input, which the plain block keeps
+    too, is); what CBAM adds for backward are its MLP weights and N x C and N x H x W tensors."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 256, 16, 16, requires_grad=True)
+    sizes = {}
+    for label, kwargs in {"plain": {}, "cbam": {"attention": "cbam"}}.items():
+        block = create_model("resnet50", num_classes=10, **kwargs).layer1[1]
+        sizes[label] = saved_bytes(lambda b=block: b(x).sum().backward())
+    assert sizes["plain"] < sizes["cbam"] <= 1.03 * sizes["plain"]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_torch_compile_fullgraph(fmt):
+    """Traced without graph breaks; the same numbers and running statistics as the BatchNorm and reference path."""
+    m, bn = _pair(16)
+    shape = (3, 16, 6, 5)
+    y = (torch.randn(shape) + 0.5).contiguous(memory_format=fmt)
+    r, dout = torch.randn(shape), torch.randn(shape)
+    expected = _run(copy.deepcopy(m), copy.deepcopy(bn), y, r, dout, folded=False)
+    tail = _Tail(copy.deepcopy(m), copy.deepcopy(bn))
+    compiled = torch.compile(tail, fullgraph=True)
+    yc, rc = y.clone().requires_grad_(), r.clone().requires_grad_()
+    out = compiled(yc, rc)
+    out.backward(dout)
+    got = [out, yc.grad, rc.grad, *(p.grad for p in tail.parameters()), *(b.clone() for b in tail.buffers())]
+    _assert_close(got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_results_do_not_depend_on_the_thread_count(fmt):
+    m, bn = _pair(48)
+    shape = (9, 48, 12, 10)
+    y = torch.randn(shape).contiguous(memory_format=fmt)
+    r, dout = torch.randn(shape), torch.randn(shape)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            runs.append(_run(copy.deepcopy(m), copy.deepcopy(bn), y, r, dout, folded=True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
