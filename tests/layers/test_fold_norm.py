@@ -228,3 +228,23 @@ def test_results_do_not_depend_on_the_thread_count(fmt):
         torch.set_num_threads(threads)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "cifar_resnet20"])
+def test_networks_give_the_same_numbers_folded_or_not(name):
+    """MobileNet (CBAM after a BatchNorm, no residual) and CIFAR ResNets: float64 outputs, gradients and running
+    statistics with the BatchNorm folded (default) and run on its own (fuse_residual=False)."""
+    torch.manual_seed(0)
+    folded = create_model(name, attention="cbam", num_classes=10).double()
+    separate = create_model(name, attention="cbam", num_classes=10, fuse_residual=False).double()
+    separate.load_state_dict(folded.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out_a, out_b = folded(x), separate(x)
+    torch.testing.assert_close(out_a, out_b)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    # (late MobileNet layers are 1 x 1 maps: BatchNorm over two values amplifies float64 rounding to about 1e-10)
+    _assert_close([p.grad for p in folded.parameters()], [q.grad for q in separate.parameters()], 1e-8)
+    _assert_close(list(folded.state_dict().values()), list(separate.state_dict().values()), 1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), separate.eval()(x))

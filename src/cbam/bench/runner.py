@@ -159,7 +159,7 @@ NETWORK_VARIANTS = {
     "se": {"attention": "se"},
     "cbam-reference": {"attention": "cbam", "implementation": "reference"},
     "cbam-fused": {"attention": "cbam", "implementation": "fused"},
-    # the residual block's addition and ReLU left to the block (what fuse_residual buys, see the README)
+    # the block's last BatchNorm, addition and ReLU left to the block (what fuse_residual buys, see the README)
     "cbam-fused-no-tail": {"attention": "cbam", "implementation": "fused", "fuse_residual": False},
     "cbam-fused-memory-efficient": {"attention": "cbam", "implementation": "fused", "memory_efficient": True},
 }
@@ -178,7 +178,7 @@ def network_cases(model: str, batch: int, size: int, device, compile_networks: b
     for variant in NETWORK_VARIANTS:
         net = _network(variant, model, device)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-        compiled_ok = compile_networks and variant in ("plain", "cbam-fused")
+        compiled_ok = compile_networks and variant in ("plain", "se", "cbam-fused")
         for label, m in [(variant, net)] + ([(f"{variant}-compiled", torch.compile(net))] if compiled_ok else []):
 
             def infer(m=m):

@@ -380,6 +380,15 @@ class CBAM(nn.Module):
             return cbam_fused(self, x, residual=shortcut, norm=norm)
         return torch.relu(self(x if norm is None else norm(x)) + shortcut)
 
+    def norm_forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``self(norm(x))``, for a module placed right after a BatchNorm (MobileNet's layers): with
+        ``fuse_residual`` the CPU kernels fold the BatchNorm into their reads, as :meth:`residual_relu` does."""
+        if self.fuse_residual and not _observed(self) and self._fused_serves(x):
+            from .cbam_fused import cbam_fused
+
+            return cbam_fused(self, x, norm=norm)
+        return self(norm(x))
+
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The readable path, composed of the two gates; the fused path is tested against it."""
         check_feature_map(type(self).__name__, x, self.channels)

@@ -49,10 +49,12 @@ def _lean(attn: nn.Module, x: torch.Tensor) -> bool:
 
 
 def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``attn(norm(x))``, recomputed in backward instead of stored when ``attn.memory_efficient`` is set."""
+    """``attn(norm(x))``, recomputed in backward instead of stored when ``attn.memory_efficient`` is set; an attention
+    module with a ``norm_forward`` method (CBAM) applies the norm itself (the fused CBAM folds it into its kernels)."""
     if _lean(attn, x):
         return _recomputed(lambda t: attn(norm(t)), norm, attn, x)
-    return attn(norm(x))
+    fused = getattr(attn, "norm_forward", None)
+    return fused(x, norm) if fused is not None else attn(norm(x))
 
 
 def residual_tail(norm: nn.Module, attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
