@@ -104,11 +104,13 @@ def test_disabled_by_environment_falls_back_to_pytorch_operators():
     code = (
         "import torch; from cbam import CBAM; from cbam.layers import fused_cpu, cbam_fused as f;"
         "print(fused_cpu.native_status()); x = torch.randn(2, 16, 5, 5, requires_grad=True);"
-        "print(f.fused_path(x)); CBAM(16)(x).sum().backward(); print(bool(torch.isfinite(x.grad).all()))"
+        "print(f.fused_path(x)); CBAM(16)(x).sum().backward(); print(bool(torch.isfinite(x.grad).all()));"
+        "from cbam import create_model; net = create_model('cifar_resnet20', attention='cbam', num_classes=10);"
+        "net(torch.randn(2, 3, 32, 32)).sum().backward(); print(net.layer1[0].bn2.num_batches_tracked.item())"
     )
     env = {**os.environ, "CBAM_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:3] == ["disabled by CBAM_NATIVE=0", "eager", "True"]
+    assert out.split("\n")[:4] == ["disabled by CBAM_NATIVE=0", "eager", "True", "1"]  # (BatchNorm ran on its own)
 
 
 def test_model_moved_to_channels_last():

@@ -272,7 +272,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    return t if t is None or t.dtype == dtype else t.to(dtype)  # (a same-dtype .to still costs a dispatch)
 
 
 def _channels_last(x: torch.Tensor) -> bool:

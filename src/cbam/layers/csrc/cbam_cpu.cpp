@@ -69,11 +69,37 @@ using Lane = std::remove_cv_t<std::remove_reference_t<decltype(Mask<T>{}[0])>>;
 template <typename T>
 constexpr int kWidth = 64 / sizeof(T);
 
+// bfloat16 is the upper half of a float32: widening is a shift, narrowing rounds to nearest even (nan to the quiet
+// nan 0x7FC0), bit for bit what c10::BFloat16 does, 16 lanes at a time.
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+inline Vec<float> bf16_to_float(const c10::BFloat16* p) {
+  U16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U32x16 w = __builtin_convertvector(h, U32x16) << 16;
+  Vec<float> v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline void float_to_bf16(c10::BFloat16* p, const Vec<float>& v) {
+  U32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  U32x16 r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32x16 nan = (U32x16)(v != v);
+  r = (r & ~nan) | (nan & 0x7FC0u);
+  const U16x16 h = __builtin_convertvector(r, U16x16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 template <typename acc_t, typename scalar_t>
 inline Vec<acc_t> vload(const scalar_t* p) {
   Vec<acc_t> v;
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    v = bf16_to_float(p);
   } else {
     for (int l = 0; l < kWidth<acc_t>; ++l) v[l] = static_cast<acc_t>(p[l]);
   }
@@ -83,6 +109,19 @@ inline Vec<acc_t> vload(const scalar_t* p) {
 template <typename T>
 inline void vstore(T* p, const Vec<T>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// Whole-vector stores into scalar_t from acc_t lanes exist for these pairs (others go element by element).
+template <typename scalar_t, typename acc_t>
+constexpr bool kVectorStore =
+    std::is_same_v<scalar_t, acc_t> || (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>);
+
+template <typename scalar_t, typename acc_t>
+inline void vstore_as(scalar_t* p, const Vec<acc_t>& v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>)
+    vstore<acc_t>(p, v);
+  else
+    float_to_bf16(p, v);
 }
 
 // Arg-max arrays hold int32; lanes of double comparisons are int64, converted lane by lane.
@@ -191,8 +230,8 @@ inline void write_row(scalar_t* out, int64_t K, bool stream, const FV& vec, cons
   }
 #endif
   (void)stream;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // whole vectors, then the tail
-    for (; k + W <= K; k += W) vstore<acc_t>(out + k, vec(k));
+  if constexpr (kVectorStore<scalar_t, acc_t>) {  // whole vectors, then the tail
+    for (; k + W <= K; k += W) vstore_as<scalar_t, acc_t>(out + k, vec(k));
   }
   for (; k < K; ++k) out[k] = one(k);
 }
@@ -665,12 +704,12 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
     auto one = [&](int64_t k) {
       return static_cast<scalar_t>(tail(value(input(static_cast<acc_t>(xr[k]), k), v[k]), k));
     };
-    if (!stream) {  // plain loop: vectorised by the compiler, no aliasing to check (restrict)
+    if (!stream && std::is_same_v<scalar_t, acc_t>) {  // plain loop: vectorised by the compiler (restrict)
       for (int64_t k = 0; k < K; ++k) orow[k] = one(k);
       continue;
     }
     write_row<scalar_t, acc_t>(
-        orow, K, true,
+        orow, K, stream,
         [&](int64_t k) {
           const V t = input_v(vload<acc_t>(xr + k), k);
           V y = chan_is_row ? t * a * vload<acc_t>(v + k) : t * vload<acc_t>(v + k) * a;
