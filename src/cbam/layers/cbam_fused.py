@@ -4,7 +4,9 @@ It computes what the reference forward computes (``F' = sigmoid(Mc(F)) * F``, ``
 one custom :class:`torch.autograd.Function`, without materialising the channel-refined map ``F'`` and without
 keeping any full-size intermediate for backward. Entry points: :func:`fused_supported` (None, or why a configuration
 needs the reference path), :func:`cbam_fused` (the computation, for a CBAM module and an input, optionally with a
-residual block's tail ``relu(. + residual)``) and :func:`fused_path` (which formulation runs).
+residual block's tail ``relu(. + residual)`` and the BatchNorm in front of the module, which the CPU kernels fold
+into their reads), :func:`norm_folds` (whether that BatchNorm is folded) and :func:`fused_path` (which
+formulation runs).
 
 Three formulations compute the full-size passes: the hand-written CPU kernels (``fused_cpu.py``, the default on the
 CPU, in eager mode and under torch.compile); PyTorch operators on cache-sized blocks (described below: CUDA, and
@@ -52,7 +54,7 @@ from ._checks import check_feature_map
 if TYPE_CHECKING:
     from .cbam import CBAM
 
-__all__ = ["cbam_fused", "fused_path", "fused_supported"]
+__all__ = ["cbam_fused", "fused_path", "fused_supported", "norm_folds"]
 
 # Eager blocking (tuned on a 2-core AMD EPYC with 32 MiB of L3): a group of samples of up to _GROUP_BYTES is pooled
 # over H x W and then over C while it is still cached; the other passes work on blocks of about _BLOCK_ELEMS

@@ -12,6 +12,11 @@ of pools that ideally cost half a copy). These kernels do each full-size pass on
   maps' terms of the channel gate's gradient from one more read of ``x``, and ``dx`` written once (the max pools'
   gradients, each to its first arg-max element, inside that pass).
 
+With a BatchNorm in front of the module (a ResNet block's last one, folded by ``cbam_fused(..., norm=bn)``), the
+kernels read the BatchNorm's input ``y`` and apply ``y * scale + shift`` as they go: its batch statistics take one
+read of ``y`` (``channel_stats``), and its backward rides on the three backward passes (``affine_cross_sums``
+gives the per-channel sums it needs; ``input_grad`` adds its batch-statistics term), see ``_backward_folded``.
+
 The small parts (MLP backward, BatchNorm of the spatial logits, sigmoids) stay PyTorch operators. The kernels are
 compiled on first use with :func:`torch.utils.cpp_extension.load` (about 15 s once; cached by PyTorch in
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``, one build per instruction-set level) and called as
