@@ -120,13 +120,13 @@ def _register_fakes() -> None:
         return x.new_empty(shape, dtype=_compute_dtype(x))
 
     @fake("pools_and_channel_gate")
-    def _(x, w1, b1, w2, b2, avg, max, spatial, in_scale=None, in_shift=None):
+    def _(x, w1, b1, w2, b2, avg, max, spatial, in_scale=None, in_shift=None, need_idx=True):
         n, c, h, w = x.shape
         pools = int(avg) + int(max)
         maps = acc(x, n, 2, h, w) if spatial else acc(x, 0)
-        idx_s = x.new_empty((n, h * w) if spatial else (0,), dtype=torch.int32)
-        return (acc(x, pools, n, c), acc(x, pools, n, w1.shape[0]), acc(x, n, c), maps,
-                x.new_empty((n, c), dtype=torch.int32), idx_s)
+        idx_s = x.new_empty((n, h * w) if spatial and need_idx else (0,), dtype=torch.int32)
+        idx_c = x.new_empty((n, c) if need_idx else (0,), dtype=torch.int32)
+        return (acc(x, pools, n, c), acc(x, pools, n, w1.shape[0]), acc(x, n, c), maps, idx_c, idx_s)
 
     fake("forward_inference")(lambda x, *args: torch.empty_like(x))
     fake("gate")(lambda x, chan, pos, residual, in_scale=None, in_shift=None: torch.empty_like(x))
@@ -185,7 +185,7 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None):
     if not need_backward and cfg.bn != "batch":
         return _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine), None, pre_stats
     pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(
-        x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial, *affine
+        x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial, *affine, need_idx=need_backward
     )
     idx_c = idx_c if cfg.max else None
     if not cfg.spatial:

@@ -874,11 +874,12 @@ Mlp<acc_t> make_mlp(const Tensor& x, int64_t C, const Tensor& w1, const std::opt
 // Training forward, first part: the channel pools, the channel gate and the spatial pools of every sample, with
 // everything backward needs. Returns pooled (P, N, C), hpre (P, N, hidden), gc (N, C), maps (N, 2, H, W),
 // idx_c (N, C) and idx_s (N, H*W) (the last two int32; maps and idx_s are empty without the spatial gate). With
-// in_scale and in_shift (C,), the module's input is x * in_scale[c] + in_shift[c] (a folded BatchNorm).
+// in_scale and in_shift (C,), the module's input is x * in_scale[c] + in_shift[c] (a folded BatchNorm). Without
+// need_idx (no backward to come) the arg-max indices are not tracked and both come back empty.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gate(
     const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
     const std::optional<Tensor>& b2, bool avg, bool max, bool spatial, const std::optional<Tensor>& in_scale,
-    const std::optional<Tensor>& in_shift) {
+    const std::optional<Tensor>& in_shift, bool need_idx) {
   const MapShape s = map_shape(x);
   const Tensor& x3 = s.t;
   TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
@@ -886,7 +887,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
   const int64_t Hd = w1.size(0), N = s.n, C = s.c, P = s.p();
   Tensor pooled = new_acc(x3, {n_pools, N, C}), hpre = new_acc(x3, {n_pools, N, Hd}), gc = new_acc(x3, {N, C});
   Tensor maps = spatial ? new_acc(x3, {N, 2, s.h, s.w}) : new_acc(x3, {0});
-  Tensor idx_c = new_index(x3, {N, C}), idx_s = spatial ? new_index(x3, {N, P}) : new_index(x3, {0});
+  Tensor idx_c = need_idx ? new_index(x3, {N, C}) : new_index(x3, {0});
+  Tensor idx_s = spatial && need_idx ? new_index(x3, {N, P}) : new_index(x3, {0});
   const auto in_ab = input_affine(in_scale, in_shift, x3, C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "pools_and_channel_gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -901,10 +903,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
                           {hp + n0 * Hd, hp + (N + n0) * Hd},
                           gc.mutable_data_ptr<acc_t>() + n0 * C,
                           spatial ? maps.mutable_data_ptr<acc_t>() + n0 * 2 * P : nullptr,
-                          idx_c.mutable_data_ptr<int32_t>() + n0 * C,
-                          spatial ? idx_s.mutable_data_ptr<int32_t>() + n0 * P : nullptr};
-      group_pools<scalar_t, acc_t, true>(xp, s, n0, g, mlp, avg, max, static_cast<const acc_t*>(in_ab.first),
-                                         static_cast<const acc_t*>(in_ab.second), o, scratch.data());
+                          need_idx ? idx_c.mutable_data_ptr<int32_t>() + n0 * C : nullptr,
+                          spatial && need_idx ? idx_s.mutable_data_ptr<int32_t>() + n0 * P : nullptr};
+      const auto* in_a = static_cast<const acc_t*>(in_ab.first);
+      const auto* in_b = static_cast<const acc_t*>(in_ab.second);
+      if (need_idx)
+        group_pools<scalar_t, acc_t, true>(xp, s, n0, g, mlp, avg, max, in_a, in_b, o, scratch.data());
+      else
+        group_pools<scalar_t, acc_t, false>(xp, s, n0, g, mlp, avg, max, in_a, in_b, o, scratch.data());
     }
   });
   return {pooled, hpre, gc, maps, idx_c, idx_s};
@@ -1544,7 +1550,8 @@ TORCH_LIBRARY(cbam_cpu, m) {
   const std::vector<at::Tag> any_layout{at::Tag::flexible_layout};
   m.def(
       "pools_and_channel_gate(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
-      "bool spatial, Tensor? in_scale=None, Tensor? in_shift=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "bool spatial, Tensor? in_scale=None, Tensor? in_shift=None, bool need_idx=True) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       any_layout);
   m.def(
       "forward_inference(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
