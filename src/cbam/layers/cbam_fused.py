@@ -156,18 +156,18 @@ def cbam_fused(
         raise ValueError(f"{name}: the fused path does not support {reason}")
     ch, sp = module.channel, module.spatial
     n, _, h, w = x.shape
-    norm = None if sp is None else sp.norm
+    sp_norm = None if sp is None else sp.norm
     bn = "none"
-    if norm is not None:
+    if sp_norm is not None:
         # The reference uses batch statistics only in training and with more than one value per batch.
-        bn = "batch" if sp.training and norm.training and n * h * w > 1 else "running"
+        bn = "batch" if sp.training and sp_norm.training and n * h * w > 1 else "running"
     cfg = _Cfg(
         avg="avg" in ch.pool_types,
         max="max" in ch.pool_types,
         spatial=sp is not None,
         kernel=0 if sp is None else sp.conv.kernel_size[0],
         bn=bn,
-        eps=0.0 if norm is None else float(norm.eps),
+        eps=0.0 if sp_norm is None else float(sp_norm.eps),
     )
     params = (
         ch.fc1.weight,
@@ -176,15 +176,16 @@ def cbam_fused(
         ch.fc2.bias,
         None if sp is None else sp.conv.weight,
         None if sp is None else sp.conv.bias,
-        None if norm is None else norm.weight,
-        None if norm is None else norm.bias,
+        None if sp_norm is None else sp_norm.weight,
+        None if sp_norm is None else sp_norm.bias,
     )
-    stats = (norm.running_mean, norm.running_var) if bn == "running" else (None, None)
-    return _apply(x, residual, params, stats, cfg, norm, bn, front)
+    stats = (sp_norm.running_mean, sp_norm.running_var) if bn == "running" else (None, None)
+    return _apply(x, residual, params, stats, cfg, sp_norm, bn, front)
 
 
-def _apply(x, residual, params, stats, cfg, norm, bn, front=None):
-    """Runs the Function (or, without gradients, its forward) and updates running statistics as BatchNorm would."""
+def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None):
+    """Runs the Function (or, without gradients, its forward) and updates the running statistics of the spatial
+    BatchNorm (``sp_norm``) and of the folded one in front (``front``) as BatchNorm would."""
     pre = (None,) * 4
     if front is not None:
         batch = front.training or front.running_mean is None
@@ -198,7 +199,7 @@ def _apply(x, residual, params, stats, cfg, norm, bn, front=None):
         with torch.autocast(x.device.type, enabled=False):
             out, mean, var, pre_mean, pre_var, _, _ = _forward(*inputs, *stats, *pre, cfg, need_backward=False)
     if bn == "batch":
-        _update_running_stats(norm, mean, var)
+        _update_running_stats(sp_norm, mean, var)
     if cfg.pre == "batch" and front.training and front.track_running_stats and front.running_mean is not None:
         _update_running_stats(front, pre_mean, pre_var)
     return out

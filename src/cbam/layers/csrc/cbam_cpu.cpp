@@ -245,6 +245,19 @@ inline void keep_nan(acc_t sum, acc_t& max) {
   if (std::isnan(sum)) max = sum;  // a nan anywhere makes the sum nan; the strict comparisons skipped it
 }
 
+// f(a, b) with a and b as compile-time std::bool_constant values: one instantiation per combination of two flags.
+template <typename F>
+void with_flags(bool a, bool b, const F& f) {
+  if (a && b)
+    f(std::true_type{}, std::true_type{});
+  else if (a)
+    f(std::true_type{}, std::false_type{});
+  else if (b)
+    f(std::false_type{}, std::true_type{});
+  else
+    f(std::false_type{}, std::false_type{});
+}
+
 // ------------------------------------------------------------------------------------------------ parallelism
 int64_t threads() { return at::get_num_threads(); }
 
@@ -726,20 +739,10 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
 template <typename scalar_t, typename acc_t>
 void gate_rows_any(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
                    int64_t K, const scalar_t* res, const acc_t* in_a, const acc_t* in_b, scalar_t* out, bool stream) {
-  auto run = [&](auto has_res, auto has_aff) {
+  with_flags(res != nullptr, in_a != nullptr, [&](auto has_res, auto has_aff) {
     gate_rows<scalar_t, acc_t, decltype(has_res)::value, decltype(has_aff)::value>(x, chan, pos, chan_is_row, r0, r1,
                                                                                    K, res, in_a, in_b, out, stream);
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (res && in_a)
-    run(yes{}, yes{});
-  else if (res)
-    run(yes{}, no{});
-  else if (in_a)
-    run(no{}, yes{});
-  else
-    run(no{}, no{});
+  });
 }
 
 // A feature map (N, C, H, W) as the dense (N, R, K) array the kernels work on: NCHW-contiguous maps as (N, C, H*W),
@@ -1509,7 +1512,7 @@ Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_a
     const scalar_t* yp = y_terms ? yt.const_data_ptr<scalar_t>() : nullptr;
     const acc_t* ym = y_terms ? y_mul->const_data_ptr<acc_t>() : nullptr;
     const acc_t* yc = y_terms ? center->const_data_ptr<acc_t>() : nullptr;
-    auto run = [&](auto pos_max_terms, auto chan_max_terms) {
+    with_flags(pos_terms, chan_terms, [&](auto pos_max_terms, auto chan_max_terms) {
       constexpr bool PM = decltype(pos_max_terms)::value, CM = decltype(chan_max_terms)::value;
       if (y_terms)
         input_grad_rows<scalar_t, acc_t, PM, CM, true>(dp, op, N, R, K, channels_last, pm, pa, parg, pmax, cm, ca,
@@ -1517,17 +1520,7 @@ Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_a
       else
         input_grad_rows<scalar_t, acc_t, PM, CM, false>(dp, op, N, R, K, channels_last, pm, pa, parg, pmax, cm, ca,
                                                         carg, cmax, nullptr, nullptr, nullptr, stream);
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    if (pos_terms && chan_terms)
-      run(yes{}, yes{});
-    else if (pos_terms)
-      run(yes{}, no{});
-    else if (chan_terms)
-      run(no{}, yes{});
-    else
-      run(no{}, no{});
+    });
   });
   return dx;
 }
