@@ -131,6 +131,28 @@ def test_gradcheck_float64(training):
     assert torch.autograd.gradcheck(fn, (y, r, *params), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_precision_against_float64(dtype, fmt, training):
+    """Half maps and parameters, folded, against float64 BatchNorm + reference on the same values (each plane holds
+    distinct values exact in half precision, so no max ties)."""
+    m, bn = _pair(16)
+    m.train(training), bn.train(training)
+    torch.manual_seed(3)
+    n, c, h, w = 3, 16, 6, 6
+    planes = torch.stack([torch.randperm(h * w) for _ in range(n * c)]).float() / 16 - 1
+    y = planes.view(n, c, h, w).contiguous(memory_format=fmt)
+    r, dout = torch.randn(y.shape), torch.randn(y.shape)
+    m_half, bn_half = copy.deepcopy(m).to(dtype), copy.deepcopy(bn).to(dtype)
+    exact = _run(copy.deepcopy(m_half).double(), copy.deepcopy(bn_half).double(), y.double(), r.to(dtype).double(),
+                 dout.to(dtype).double(), folded=False)
+    got = _run(m_half, bn_half, y.to(dtype), r.to(dtype), dout.to(dtype), folded=True)
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
+    got = [g.double() if g.is_floating_point() else g for g in got]
+    _assert_close(got, exact, 3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
 def test_running_statistics_like_batchnorm():
     """Momentum, cumulative averages (momentum=None), the batch counter, and statistics that are not tracked."""
     y = torch.randn(4, 8, 5, 5) * 3 + 1
@@ -170,7 +192,7 @@ def test_when_the_batchnorm_is_not_folded():
     assert norm_folds(bn, y)
     assert norm_folds(bn.eval(), torch.randn(1, 8, 1, 1))  # running statistics: any size
     assert not norm_folds(bn.train(), torch.randn(1, 8, 1, 1))  # BatchNorm itself refuses one value per channel
-    assert not norm_folds(bn, y.bfloat16())
+    assert norm_folds(bn, y.bfloat16()) and norm_folds(bn, y.half())
     assert not norm_folds(nn.SyncBatchNorm(8), y)
     assert not norm_folds(nn.BatchNorm2d(4), y)
     seen = []

@@ -207,12 +207,12 @@ def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None):
 
 def norm_folds(norm: nn.Module, x: torch.Tensor) -> bool:
     """True if ``norm`` (the module in front of a CBAM) can be folded into the fused CPU kernels for input ``x``: a
-    plain ``nn.BatchNorm2d`` of x's channels, not observed by hooks, on a float32 / float64 CPU input served by the
-    hand-written kernels (with batch statistics, more than one value per channel). Anything else runs ``norm``
-    first and gives the same result."""
+    plain ``nn.BatchNorm2d`` of x's channels, not observed by hooks, on a CPU input the hand-written kernels serve
+    (float32, float64, bfloat16, float16; statistics and the normalisation in float32 or float64), with batch
+    statistics more than one value per channel. Anything else runs ``norm`` first and gives the same result."""
     from .cbam import _observed
 
-    if type(norm) is not nn.BatchNorm2d or _observed(norm) or x.dtype not in (torch.float32, torch.float64):
+    if type(norm) is not nn.BatchNorm2d or _observed(norm):
         return False
     if x.dim() != 4 or norm.num_features != x.shape[1] or fused_path(x) != "native":
         return False
