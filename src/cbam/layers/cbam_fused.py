@@ -228,9 +228,8 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.T
         factor = 1.0 / norm.num_batches_tracked.to(mean.dtype)
     else:
         factor = norm.momentum
-    rm, rv = norm.running_mean, norm.running_var
-    rm.copy_(rm * (1 - factor) + mean.to(rm.dtype) * factor)
-    rv.copy_(rv * (1 - factor) + var.to(rv.dtype) * factor)
+    norm.running_mean.lerp_(_cast(mean, norm.running_mean.dtype), factor)  # (1 - f) * running + f * batch
+    norm.running_var.lerp_(_cast(var, norm.running_var.dtype), factor)
 
 
 class _CBAMFunction(torch.autograd.Function):
@@ -261,7 +260,7 @@ class _CBAMFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grads = _backward(dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, needs, ctx.path, pre_w)
         d_pre = grads[9:] if len(grads) > 9 else [None, None]
-        d_pre = [g.to(ctx.pre_dtype) if g is not None and ctx.needs_input_grad[12 + i] else None
+        d_pre = [_cast(g, ctx.pre_dtype) if g is not None and ctx.needs_input_grad[12 + i] else None
                  for i, g in enumerate(d_pre)]
         return (grads[0], d_residual if ctx.needs_input_grad[1] else None, *grads[1:9], None, None, *d_pre,
                 None, None, None)
@@ -677,7 +676,7 @@ def _grads_as_inputs(grads, x, w1, w2, wc, gamma, needs):
     dtypes = [x.dtype, w1.dtype, w1.dtype, w2.dtype, w2.dtype]
     dtypes += [None, None, None, None] if wc is None else [wc.dtype, wc.dtype]
     dtypes += [None, None] if gamma is None else [gamma.dtype, gamma.dtype]
-    return [g.to(dtypes[i]) if g is not None and needs[i] else None for i, g in enumerate(grads)]
+    return [_cast(g, dtypes[i]) if g is not None and needs[i] else None for i, g in enumerate(grads)]
 
 
 def _backward_eager_spatial(dout, x, gc, gs, idx_s, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):

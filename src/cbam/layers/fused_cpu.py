@@ -296,8 +296,9 @@ def _backward_folded(dout, y, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_
     sum_g = gc * (t_d + map_sum) + d_avg * hw
     sum_gz = gc * (t_dz + map_z) + d_avg * t_z
     if d_max is not None:
-        where = idx_c.long()
-        at = y[torch.arange(n).view(n, 1), torch.arange(c).view(1, c), where // w, where % w]
+        # y at each channel's arg-max position, through a (N, C, H*W) view of either layout
+        planes = y.flatten(2) if y.is_contiguous() else y.permute(0, 2, 3, 1).reshape(n, hw, c).transpose(1, 2)
+        at = planes.gather(2, idx_c.long().unsqueeze(-1)).squeeze(-1)
         sum_g = sum_g + d_max
         sum_gz = sum_gz + d_max * (at.to(gc.dtype) - center)
     sum_g, sum_gz = sum_g.sum(0), sum_gz.sum(0)

@@ -1232,32 +1232,35 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& y) {
   const MapShape s = map_shape(y, "y");
   const int64_t N = s.n, C = s.c, R = s.rows(), K = s.cols();
   const Split sp = make_split(N, R, K);
-  Tensor pivot = new_acc(s.t, {C});
-  Tensor rows = s.cl ? new_acc(s.t, {N, sp.k_blocks, 2, 0}) : new_acc(s.t, {N, sp.k_blocks, 2, R});
-  Tensor cols = s.cl ? new_acc(s.t, {N, sp.r_blocks, 2, K}) : new_acc(s.t, {N, sp.r_blocks, 2, 0});
+  const int64_t blocks = s.cl ? sp.r_blocks : sp.k_blocks;  // partial sums per sample
+  Tensor partial = new_acc(s.t, {N, blocks, 2, C});
+  Tensor mean = new_acc(s.t, {C}), var = new_acc(s.t, {C});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.t.scalar_type(), "channel_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* yp = s.t.const_data_ptr<scalar_t>();
-    acc_t* pv = pivot.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) pv[c] = static_cast<acc_t>(yp[s.cl ? c : c * K]);
-    acc_t *rp = rows.mutable_data_ptr<acc_t>(), *cp = cols.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> pivot(C);
+    for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<acc_t>(yp[s.cl ? c : c * K]);
+    acc_t* pp = partial.mutable_data_ptr<acc_t>();
     const int64_t S = s.sample();
     for_blocks(sp, [&](int64_t n, int64_t rb, int64_t kb, int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
       if (s.cl)
-        stats_block<scalar_t, acc_t, false>(yp + n * S, pv, R, K, r0, r1, k0, k1, nullptr,
-                                            cp + (n * sp.r_blocks + rb) * 2 * K + k0);
+        stats_block<scalar_t, acc_t, false>(yp + n * S, pivot.data(), R, K, r0, r1, k0, k1, nullptr,
+                                            pp + (n * blocks + rb) * 2 * K + k0);
       else
-        stats_block<scalar_t, acc_t, true>(yp + n * S, pv, R, K, r0, r1, k0, k1,
-                                           rp + (n * sp.k_blocks + kb) * 2 * R, nullptr);
+        stats_block<scalar_t, acc_t, true>(yp + n * S, pivot.data(), R, K, r0, r1, k0, k1,
+                                           pp + (n * blocks + kb) * 2 * R, nullptr);
     });
+    // combined sample by sample, block by block: a fixed order
+    const acc_t count = static_cast<acc_t>(N * s.p());
+    acc_t *mp = mean.mutable_data_ptr<acc_t>(), *vp = var.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < N * blocks; ++i) s1 += pp[(i * 2) * C + c], s2 += pp[(i * 2 + 1) * C + c];
+      const acc_t shift = s1 / count;
+      mp[c] = pivot[c] + shift;
+      vp[c] = std::max(s2 / count - shift * shift, acc_t(0));
+    }
   });
-  Tensor sums = combine_blocks(s.cl ? cols : rows);  // (N, 2, C)
-  Tensor total = sums.select(0, 0).clone();
-  for (int64_t n = 1; n < N; ++n) total.add_(sums.select(0, n));
-  const double count = static_cast<double>(N * s.p());
-  Tensor shift = total.select(0, 0).div(count);
-  Tensor mean = pivot.add(shift);
-  Tensor var = total.select(0, 1).div(count).sub(shift.mul(shift)).clamp_min_(0);
   return {mean, var};
 }
 
