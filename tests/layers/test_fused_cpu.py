@@ -124,3 +124,12 @@ def test_model_moved_to_channels_last():
     with torch.no_grad():
         moved = copy.deepcopy(m).to(memory_format=CL).eval()
         _assert_close([cbam_fused(moved, x)], [copy.deepcopy(m).eval()(x)])
+
+
+def test_input_grad_rejects_an_out_of_range_arg_max():
+    n, c, h, w = 2, 8, 3, 3
+    d = torch.randn(n, c, h, w)
+    pos, chan = torch.rand(n, h * w), torch.rand(n, c)
+    bad = torch.full((n, h * w), c, dtype=torch.int32)  # channel index c does not exist
+    with pytest.raises(RuntimeError, match="arg-max index is out of range"):
+        torch.ops.cbam_cpu.input_grad(d, pos, pos, bad, pos, chan, chan, None, None)
