@@ -18,7 +18,7 @@ read of ``y`` (``channel_stats``), and its backward rides on the three backward 
 gives the per-channel sums it needs; ``input_grad`` adds its batch-statistics term), see ``_backward_folded``.
 
 The small parts (MLP backward, BatchNorm of the spatial logits, sigmoids) stay PyTorch operators. The kernels are
-compiled on first use with :func:`torch.utils.cpp_extension.load` (about 15 s once; cached by PyTorch in
+compiled on first use with :func:`torch.utils.cpp_extension.load` (about 30 s once; cached by PyTorch in
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``, one build per instruction-set level) and called as
 ``torch.ops.cbam_cpu`` operators, so ``torch.compile`` traces them without graph breaks. Without a C++ compiler, or
 with ``CBAM_NATIVE=0`` in the environment, the fused path composes PyTorch operators instead (``cbam_fused.py``);
@@ -221,37 +221,34 @@ def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w=None):
     x, dout = _dense(x), _dense(dout)
     n, c, h, w = x.shape
     hw = h * w
-    sgrads = None
+    pos = gs if cfg.spatial else gc.new_ones((n, hw))
+    # one read of dout and x: the direct term of d_gc (N, C) = sum_hw dout * x * gs, and d_gs (N, HW)
+    d_gc, d_gs = ops.cross_sums(dout, x, gc, pos)
+    sgrads, d_savg, d_smax = (None, gc.new_zeros((n, hw)), None)
     if cfg.spatial:
-        # one read of dout and x: the direct term of d_gc (N, C) and d_gs (N, HW)
-        d_gc, d_gs = ops.cross_sums(dout, x, gc, gs)
-        sgrads = _spatial_backward(
-            d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=ops.spatial_conv_backward
-        )
-        d_savg = sgrads[0] * (1.0 / c)
-        d_smax = sgrads[1].contiguous()
+        sgrads, d_savg, d_smax = _spatial_terms(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, c)
         # one more read of x: the two spatial maps' terms (the max map's at each position's arg-max channel)
         d_gc = d_gc + ops.channel_weighted_sum(x, d_savg, idx_s, d_smax)
-    else:  # d_gc = sum_hw dout * x: the same pass with a spatial gate of ones
-        d_gc = ops.cross_sums(dout, x, gc, gc.new_ones((n, hw)))[0]
-        d_savg = gc.new_zeros((n, hw))
-    d_logit = d_gc * gc * (1 - gc)
-    d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_logit, pooled, hpre, w1, w2)
-    d_avg = d_pooled[0] * (1.0 / hw) if cfg.avg else gc.new_zeros((n, c))
+    mlp_grads, d_avg, d_max = _gate_terms(d_gc, gc, pooled, hpre, w1, w2, cfg, hw)
     # one pass writes dx, the max pools' gradients (each to its first arg-max element) included
-    dx = ops.input_grad(
-        dout,
-        gs if cfg.spatial else gc.new_ones((n, hw)),
-        d_savg,
-        idx_s if cfg.spatial else None,
-        d_smax if cfg.spatial else None,
-        gc,
-        d_avg,
-        idx_c if cfg.max else None,
-        d_pooled[-1] if cfg.max else None,
-    )
-    d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
-    return [dx, dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta]
+    dx = ops.input_grad(dout, pos, d_savg, idx_s if cfg.spatial else None, d_smax, gc, d_avg, idx_c, d_max)
+    return [dx, *mlp_grads, *(sgrads[2:] if sgrads is not None else (None,) * 4)]
+
+
+def _spatial_terms(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, c):
+    """The spatial gate's backward from d_gs: its parameters' gradients (in sgrads[2:]) and the two pooled maps'
+    gradients as input_grad takes them (the average map's divided by C)."""
+    conv_backward = torch.ops.cbam_cpu.spatial_conv_backward
+    sgrads = _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=conv_backward)
+    return sgrads, sgrads[0] * (1.0 / c), sgrads[1].contiguous()
+
+
+def _gate_terms(d_gc, gc, pooled, hpre, w1, w2, cfg, hw):
+    """The channel gate's backward from d_gc: the MLP's gradients (dW1, db1, dW2, db2) and the two pooled
+    descriptors' gradients as input_grad takes them (the average pool's divided by H*W; None without a max pool)."""
+    d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_gc * gc * (1 - gc), pooled, hpre, w1, w2)
+    d_avg = d_pooled[0] * (1.0 / hw) if cfg.avg else torch.zeros_like(gc)
+    return (dw1, db1, dw2, db2), d_avg, (d_pooled[-1] if cfg.max else None)
 
 
 def _backward_folded(dout, y, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w):
@@ -272,26 +269,18 @@ def _backward_folded(dout, y, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_
     hw = h * w
     bias_at_center = shift + center * scale  # x = (y - center) * scale + bias_at_center
     pos = gs if cfg.spatial else gc.new_ones((n, hw))
-    chan_sums, d_gs = ops.affine_cross_sums(dout, y, pos, (gc * scale).contiguous(), (gc * shift).contiguous(), center)
+    gc_scale = (gc * scale).contiguous()  # the channel gate times the BatchNorm's scale: x * gc = y * this + ...
+    chan_sums, d_gs = ops.affine_cross_sums(dout, y, pos, gc_scale, (gc * shift).contiguous(), center)
     t_dz, t_d, t_z = chan_sums.unbind(1)  # sum_p dout*gs*z, sum_p dout*gs, sum_p z   (N, C) each
     d_gc = scale * t_dz + bias_at_center * t_d
-    sgrads = None
+    sgrads, d_savg, d_smax = (None, gc.new_zeros((n, hw)), None)
     map_sum = map_z = gc.new_zeros((n, c))
     if cfg.spatial:
-        sgrads = _spatial_backward(
-            d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=ops.spatial_conv_backward
-        )
-        d_savg = sgrads[0] * (1.0 / c)
-        d_smax = sgrads[1].contiguous()
+        sgrads, d_savg, d_smax = _spatial_terms(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, c)
         map_z = ops.channel_weighted_sum(y, d_savg, idx_s, d_smax, center)  # sum_p map terms * z
         map_sum = d_savg.sum(1, keepdim=True) + torch.zeros_like(gc).scatter_add_(1, idx_s.long(), d_smax)
         d_gc = d_gc + scale * map_z + bias_at_center * map_sum
-    else:
-        d_savg = gc.new_zeros((n, hw))
-    d_logit = d_gc * gc * (1 - gc)
-    d_pooled, dw1, db1, dw2, db2 = _mlp_backward(d_logit, pooled, hpre, w1, w2)
-    d_avg = d_pooled[0] * (1.0 / hw) if cfg.avg else gc.new_zeros((n, c))
-    d_max = d_pooled[-1] if cfg.max else None
+    mlp_grads, d_avg, d_max = _gate_terms(d_gc, gc, pooled, hpre, w1, w2, cfg, hw)
     # the BatchNorm's sums over the batch and positions of g and g * z, per channel
     sum_g = gc * (t_d + map_sum) + d_avg * hw
     sum_gz = gc * (t_dz + map_z) + d_avg * t_z
@@ -310,17 +299,8 @@ def _backward_folded(dout, y, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_
         count = n * hw
         add = add - scale * sum_g / count
         y_terms = (y, (-scale * invstd * invstd * sum_gz / count).contiguous(), center)
-    dx = ops.input_grad(
-        dout,
-        pos,
-        d_savg,
-        idx_s if cfg.spatial else None,
-        d_smax if cfg.spatial else None,
-        (gc * scale).contiguous(),
-        add.contiguous(),
-        idx_c if cfg.max else None,
-        (d_max * scale).contiguous() if cfg.max else None,
-        *y_terms,
-    )
-    d_wc, d_bc, d_gamma, d_beta = sgrads[2:] if sgrads is not None else (None,) * 4
-    return [dx, dw1, db1, dw2, db2, d_wc, d_bc, d_gamma, d_beta, d_pre_w, d_pre_b]
+    d_max_scaled = None if d_max is None else (d_max * scale).contiguous()
+    idx_s = idx_s if cfg.spatial else None
+    dx = ops.input_grad(dout, pos, d_savg, idx_s, d_smax, gc_scale, add.contiguous(), idx_c, d_max_scaled, *y_terms)
+    spatial_grads = sgrads[2:] if sgrads is not None else (None,) * 4
+    return [dx, *mlp_grads, *spatial_grads, d_pre_w, d_pre_b]
