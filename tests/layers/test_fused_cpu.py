@@ -133,3 +133,23 @@ def test_input_grad_rejects_an_out_of_range_arg_max():
     bad = torch.full((n, h * w), c, dtype=torch.int32)  # channel index c does not exist
     with pytest.raises(RuntimeError, match="arg-max index is out of range"):
         torch.ops.cbam_cpu.input_grad(d, pos, pos, bad, pos, chan, chan, None, None)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("pool_types", [("avg", "max"), ("avg",), ("max",)])
+def test_inference_does_not_depend_on_how_samples_are_bunched(fmt, pool_types):
+    """Inference computes each sample's channel gate by dot products in a fixed order, whether one sample or a few
+    share a read of the MLP's weights: one sample per bunch and the whole batch in one give the same bits."""
+    m = CBAM(40, pool_types=pool_types).eval()
+    x = torch.randn(7, 40, 9, 11).contiguous(memory_format=fmt)
+    outs = []
+    for group_bytes in (1, 1 << 40):
+        previous = torch.ops.cbam_cpu.configure(0, 0, group_bytes, 0)
+        try:
+            with torch.no_grad():
+                outs.append(cbam_fused(m, x))
+        finally:
+            torch.ops.cbam_cpu.configure(*previous)
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0], m.forward_reference(x), rtol=1e-5, atol=1e-6)

@@ -7,7 +7,11 @@ of pools that ideally cost half a copy). These kernels do each full-size pass on
 * forward: for a group of samples that fits in the cache, the channel pools (sum, max, first arg-max over H x W),
   the channel gate and the spatial pools of ``x * gc`` (sum, max, first arg-max over C, the product never stored);
   the k x k convolution of the two maps; then ``out = (x * gc) * gs`` in one pass (``relu(out + residual)`` when
-  the module ends a residual block). Without gradients and batch statistics, all of it is one operator;
+  the module ends a residual block). Without gradients and batch statistics, all of it is one operator that
+  takes each thread's samples one or a few at a time, end to end while they are in the cache, the channel gates
+  of those few from one read of the MLP's weights (by dot products in a fixed order, so a sample's result does
+  not depend on its companions or on the thread count), starting from the last sample (the part of the map its
+  producer wrote last, the likeliest still in the cache);
 * backward: ``sum_c dout * x * gc`` and ``sum_hw dout * x * gs`` from one read of ``dout`` and ``x``, the spatial
   maps' terms of the channel gate's gradient from one more read of ``x``, and ``dx`` written once (the max pools'
   gradients, each to its first arg-max element, inside that pass).
@@ -199,7 +203,7 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None):
 
 
 def _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine=(None, None)):
-    """The whole module in one operator, group by group of samples (no batch statistics, nothing kept)."""
+    """The whole module in one operator, sample by sample (no batch statistics, nothing kept)."""
     one = w1.new_ones(1)
     scale, shift = one, one * 0
     if cfg.spatial and cfg.bn == "running":  # fold the BatchNorm into z * scale + shift

@@ -179,15 +179,33 @@ inline T hsum(const Vec<T>& v) {
   return butterfly(v, [](const Vec<T>& a, const Vec<T>& b) { return a + b; })[0];
 }
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  constexpr int W = kWidth<T>;
-  Vec<T> lanes{};
+// out[m] = sum_i a[i] * b[m][i] for M vectors b[m]: a is read once, and four independent chains of multiply-adds per
+// vector keep the adder busy (a single chain waits on each one's latency). Each out[m] is summed in the same order
+// whatever M is.
+template <int M, typename T>
+inline void dots(const T* a, const T* const* b, int64_t n, T* out) {
+  static_assert(M == 1 || M == 2, "one or two vectors at a time (the sums' order does not depend on M)");
+  constexpr int W = kWidth<T>, A = 4;
+  Vec<T> acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < A; ++u) acc[m][u] = Vec<T>{};
   int64_t i = 0;
-  for (; i + W <= n; i += W) lanes += vload<T>(a + i) * vload<T>(b + i);
-  T total = hsum<T>(lanes);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
+  for (; i + A * W <= n; i += A * W)
+    for (int u = 0; u < A; ++u) {
+      const Vec<T> av = vload<T>(a + i + u * W);
+      for (int m = 0; m < M; ++m) acc[m][u] += av * vload<T>(b[m] + i + u * W);
+    }
+  for (; i + W <= n; i += W) {
+    const Vec<T> av = vload<T>(a + i);
+    for (int m = 0; m < M; ++m) acc[m][0] += av * vload<T>(b[m] + i);
+  }
+  for (int m = 0; m < M; ++m) {
+    Vec<T> t = acc[m][0];
+    for (int u = 1; u < A; ++u) t += acc[m][u];
+    out[m] = hsum<T>(t);
+  }
+  for (; i < n; ++i)
+    for (int m = 0; m < M; ++m) out[m] += a[i] * b[m][i];
 }
 
 template <typename T>
@@ -261,12 +279,17 @@ void with_flags(bool a, bool b, const F& f) {
 // ------------------------------------------------------------------------------------------------ parallelism
 int64_t threads() { return at::get_num_threads(); }
 
-// fn(n) for every sample: in parallel over samples when there are a few per thread (each thread then works on
-// whole samples, which stay in its caches), else one after the other (each sample's passes split its rows).
+// Whether work on n samples runs in parallel over samples: when there are a few per thread (each thread then works
+// on whole samples, which stay in its caches); else the samples go one after the other, each pass splitting rows.
+bool by_samples(int64_t n) {
+  const int64_t t = threads();
+  return !at::in_parallel_region() && t > 1 && n >= 2 * t && (n % t == 0 || n >= 8 * t);
+}
+
+// fn(n) for every sample, in parallel over samples when by_samples(n).
 template <typename F>
 void for_samples(int64_t n, const F& fn) {
-  const int64_t t = threads();
-  if (!at::in_parallel_region() && t > 1 && n >= 2 * t && (n % t == 0 || n >= 8 * t)) {
+  if (by_samples(n)) {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) fn(i);
     });
@@ -629,6 +652,42 @@ void group_mlp(const Mlp<acc_t>& mlp, int64_t G, const acc_t* const* pooled, acc
   g.sigmoid_();
 }
 
+// Channel gates of B samples by dot products, gc[i] = sigmoid(sum_p fc2(relu(fc1(pooled[i][p])))), each weight row
+// read once for all of them and each sum in a fixed order, so a sample's gate does not depend on which samples
+// share the call (the inference path calls it per thread; a library matrix product for a few samples packed the
+// weights on every call, measured a third of the module's time at 7 x 7). pooled[i * n_pools + p] is sample i's
+// pool p; act (B, hidden) is scratch; gc is (B, C).
+template <typename acc_t>
+void bunch_mlp(const Mlp<acc_t>& mlp, int64_t B, const acc_t* const* pooled, int n_pools, acc_t* act, acc_t* gc) {
+  const int64_t C = mlp.channels, Hd = mlp.hidden, V = B * n_pools;
+  std::vector<acc_t> h(V);
+  auto rows_dot = [](const acc_t* w, const acc_t* const* vecs, int64_t count, int64_t n, acc_t* out) {
+    int64_t v = 0;
+    for (; v + 2 <= count; v += 2) dots<2>(w, vecs + v, n, out + v);
+    if (v < count) dots<1>(w, vecs + v, n, out + v);
+  };
+  for (int64_t j = 0; j < Hd; ++j) {
+    rows_dot(mlp.w1 + j * C, pooled, V, C, h.data());
+    const acc_t b = mlp.b1 ? mlp.b1[j] : acc_t(0);
+    for (int64_t i = 0; i < B; ++i) {
+      acc_t a = 0;
+      for (int p = 0; p < n_pools; ++p) {
+        const acc_t hp = h[i * n_pools + p] + b;
+        a += hp < 0 ? acc_t(0) : hp;  // relu; a nan stays nan
+      }
+      act[i * Hd + j] = a;  // fc2 is linear: fc2 of the summed activations, plus n_pools biases
+    }
+  }
+  std::vector<const acc_t*> acts(B);
+  for (int64_t i = 0; i < B; ++i) acts[i] = act + i * Hd;
+  std::vector<acc_t> g(B);
+  for (int64_t c = 0; c < C; ++c) {
+    rows_dot(mlp.w2 + c * Hd, acts.data(), B, Hd, g.data());
+    const acc_t b = mlp.b2 ? static_cast<acc_t>(n_pools) * mlp.b2[c] : acc_t(0);
+    for (int64_t i = 0; i < B; ++i) gc[i * C + c] = sigmoid(g[i] + b);
+  }
+}
+
 // Zero-bordered copy of `maps` (m, H, W) for a k x k 'same' correlation: rows padded to whole groups of four
 // vectors plus the kernel's reach, so every tap of every output row is a run of full-vector multiply-adds.
 template <typename acc_t>
@@ -775,11 +834,12 @@ MapShape map_shape(const Tensor& x, const char* what = "x") {
   return {cl || x.is_contiguous() ? x : x.contiguous(), x.size(0), x.size(1), x.size(2), x.size(3), cl};
 }
 
-// Samples are processed in groups of about kGroupBytes: each sample is read once from memory for the channel pools
-// and again, from the cache, for the spatial pools (and, at inference, for the output). Groups hold a multiple of
-// 4 samples (at least 4), so that 2 or 4 threads take whole samples (5 samples on 2 threads ran each sample split
-// across the threads instead, measured 1.5x slower); the size depends on the map only, never on the thread count
-// (the channel gate's matrix product sees the same group, so results do not change with threads).
+// Training samples are processed in groups of about kGroupBytes: each sample is read once from memory for the
+// channel pools and again, from the cache, for the spatial pools (inference goes by bunches, see bunch_size).
+// Groups hold a multiple of 4 samples (at least 4), so that 2 or 4 threads take whole samples (5 samples on 2
+// threads ran each sample split across the threads instead, measured 1.5x slower); the size depends on the map
+// only, never on the thread count (the channel gate's matrix product sees the same group, so results do not
+// change with threads).
 int64_t group_size(const MapShape& s, int64_t elem_bytes) {
   const int64_t fit = kGroupBytes / std::max<int64_t>(1, s.sample() * elem_bytes);
   return std::min<int64_t>(s.n, std::max<int64_t>(fit - fit % 4, 4));
@@ -919,11 +979,88 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
   return {pooled, hpre, gc, maps, idx_c, idx_s};
 }
 
-// The whole module without gradients and without batch statistics, group by group while it is in the cache:
-// pools, channel gate, spatial pools, convolution (weight (1, 2, k, k), bias), the affine normalisation
-// z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the gated output.
-// Without a convolution weight the channel gate alone is applied; with a residual, relu(out + residual) is returned.
-// With in_scale and in_shift (C,), the module's input is x * in_scale[c] + in_shift[c] (a folded BatchNorm).
+// Scratch elements of the inference path for B samples: per sample the channel sums and maxima, activations,
+// channel gate, the two spatial maps and the spatial gate; once, a folded BatchNorm's affine times a gate.
+int64_t inference_scratch(int64_t B, int64_t C, int64_t hidden, int64_t P) { return B * (3 * C + hidden + 3 * P) + 2 * C; }
+
+// Samples [lo, hi) of the inference path, while they are in the caches: the channel pools of each (last first,
+// nearest in the cache to whatever wrote the map), the channel gates of all of them (the MLP's weights read once),
+// then each sample's spatial pools, convolution, gate and output. Inside a parallel region (the caller runs
+// samples in parallel) every pass runs on the calling thread; otherwise each pass splits the sample's rows. Either
+// way the arithmetic, and so the result, is the same.
+template <typename scalar_t, typename acc_t>
+void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, const MapShape& s, int64_t lo, int64_t hi,
+                     const Mlp<acc_t>& mlp, bool avg, bool max, const acc_t* in_a, const acc_t* in_b,
+                     const acc_t* conv_w, int64_t ks, acc_t bias, acc_t scale, acc_t shift, bool stream,
+                     acc_t* scratch) {
+  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), S = s.sample(), B = hi - lo, Hd = mlp.hidden;
+  const int n_pools = int(avg) + int(max);
+  acc_t *sums = scratch, *maxima = sums + B * C, *act = maxima + B * C, *gc = act + B * Hd, *maps = gc + B * C;
+  acc_t *gs = maps + B * 2 * P, *coef = gs + B * P;
+  std::vector<const acc_t*> pooled(B * n_pools);
+  for (int64_t i = B - 1; i >= 0; --i) {
+    const scalar_t* xs = x + (lo + i) * S;
+    acc_t *sm = sums + i * C, *mx = maxima + i * C;
+    if (!in_a) {
+      if (s.cl)
+        sample_pool_cols<scalar_t, acc_t, false>(xs, Ident<acc_t>{}, R, K, sm, mx, nullptr);
+      else
+        sample_pool_rows<scalar_t, acc_t, false>(xs, Ident<acc_t>{}, R, K, sm, mx, nullptr);
+    } else if (s.cl) {
+      sample_pool_cols<scalar_t, acc_t, false>(xs, ColAffine<acc_t>{in_a, in_b}, R, K, sm, mx, nullptr);
+    } else {
+      sample_pool_rows<scalar_t, acc_t, false>(xs, RowAffine<acc_t>{in_a, in_b}, R, K, sm, mx, nullptr);
+    }
+    if (avg)
+      for (int64_t c = 0; c < C; ++c) sm[c] /= static_cast<acc_t>(P);
+    pooled[i * n_pools] = avg ? sm : mx;
+    if (n_pools == 2) pooled[i * n_pools + 1] = mx;
+  }
+  bunch_mlp(mlp, B, pooled.data(), n_pools, act, gc);
+  for (int64_t i = 0; i < B; ++i) {
+    const scalar_t* xs = x + (lo + i) * S;
+    const acc_t* gci = gc + i * C;
+    acc_t* gsi = gs + i * P;
+    if (conv_w) {
+      acc_t *s_sum = maps + i * 2 * P, *s_max = s_sum + P;
+      if (!in_a) {
+        if (s.cl)
+          sample_pool_rows<scalar_t, acc_t, false>(xs, ColScale<acc_t>{gci}, R, K, s_sum, s_max, nullptr);
+        else
+          sample_pool_cols<scalar_t, acc_t, false>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, nullptr);
+      } else {
+        acc_t *ca = coef, *cb = coef + C;
+        for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
+        if (s.cl)
+          sample_pool_rows<scalar_t, acc_t, false>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
+        else
+          sample_pool_cols<scalar_t, acc_t, false>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
+      }
+      for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
+      sample_conv(s_sum, conv_w, ks, s.h, s.w, bias, gsi);
+      for (int64_t p = 0; p < P; ++p) gsi[p] = sigmoid(gsi[p] * scale + shift);
+    } else {
+      std::fill(gsi, gsi + P, acc_t(1));
+    }
+    const int64_t base = (lo + i) * S;
+    for_range(R, K, [&](int64_t r) {
+      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, res ? res + base : nullptr, in_a, in_b, out + base,
+                    stream);
+    });
+  }
+}
+
+// Samples of at most about kGroupBytes / 4 go through bunch_inference together (a thread's share of a group).
+int64_t bunch_size(const MapShape& s, int64_t elem_bytes) {
+  return std::max<int64_t>(1, kGroupBytes / 4 / std::max<int64_t>(1, s.sample() * elem_bytes));
+}
+
+// The whole module without gradients and without batch statistics, sample by sample (samples in parallel when
+// there are a few per thread): pools, channel gate, spatial pools, convolution (weight (1, 2, k, k), bias), the
+// affine normalisation z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the
+// gated output. Without a convolution weight the channel gate alone is applied; with a residual,
+// relu(out + residual) is returned. With in_scale and in_shift (C,), the module's input is x * in_scale[c] +
+// in_shift[c] (a folded BatchNorm).
 Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
                          const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
                          const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
@@ -946,40 +1083,26 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t N = s.n, C = s.c, P = s.p(), Hd = w1.size(0);
-    const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
+    const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, s.c, w1, b1, w2, b2);
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t* wp = spatial ? conv_weight->const_data_ptr<acc_t>() : nullptr;
     const acc_t bias = given(conv_bias) ? conv_bias->const_data_ptr<acc_t>()[0] : acc_t(0);
     const acc_t scale = norm_scale.const_data_ptr<acc_t>()[0], shift = norm_shift.const_data_ptr<acc_t>()[0];
-    const int64_t G = group_size(s, sizeof(scalar_t));
-    const int n_pools = int(avg) + int(max);
     const bool stream = stream_output(out);
     const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
-    std::vector<acc_t> buf(pools_scratch(G, C, Hd) + G * C * n_pools + G * C + G * 3 * P);
-    acc_t *scratch = buf.data(), *pooled = scratch + pools_scratch(G, C, Hd), *gc = pooled + G * C * n_pools;
-    acc_t *maps = gc + G * C, *gs = maps + G * 2 * P;
-    if (!spatial) std::fill(gs, gs + G * P, acc_t(1));
-    for (int64_t n0 = 0; n0 < N; n0 += G) {
-      const int64_t g = std::min(G, N - n0);
-      GroupPools<acc_t> o{{pooled, pooled + G * C}, {nullptr, nullptr}, gc, spatial ? maps : nullptr, nullptr,
-                          nullptr};
-      group_pools<scalar_t, acc_t, false>(xp, s, n0, g, mlp, avg, max, in_a, in_b, o, scratch);
-      for_samples(g, [&](int64_t i) {
-        if (spatial) {
-          acc_t* gsi = gs + i * P;
-          sample_conv(maps + i * 2 * P, wp, ks, s.h, s.w, bias, gsi);
-          for (int64_t p = 0; p < P; ++p) gsi[p] = sigmoid(gsi[p] * scale + shift);
-        }
-        const int64_t base = (n0 + i) * s.sample();
-        for_range(s.rows(), s.cols(), [&](int64_t r) {
-          gate_rows_any(xp + base, gc + i * C, gs + i * P, !s.cl, r, r + 1, s.cols(), rp ? rp + base : nullptr,
-                        in_a, in_b, op + base, stream);
-        });
-      });
-    }
+    const int64_t bunch = bunch_size(s, sizeof(scalar_t));
+    auto run = [&](int64_t begin, int64_t end) {  // samples [begin, end), in bunches from the last
+      std::vector<acc_t> scratch(inference_scratch(std::min(bunch, end - begin), s.c, mlp.hidden, s.p()));
+      for (int64_t hi = end; hi > begin; hi -= bunch)
+        bunch_inference<scalar_t, acc_t>(xp, rp, op, s, std::max(begin, hi - bunch), hi, mlp, avg, max, in_a, in_b,
+                                         wp, ks, bias, scale, shift, stream, scratch.data());
+    };
+    if (by_samples(s.n))
+      at::parallel_for(0, s.n, 1, run);
+    else
+      run(0, s.n);
   });
   return out;
 }
