@@ -286,16 +286,20 @@ bool by_samples(int64_t n) {
   return !at::in_parallel_region() && t > 1 && n >= 2 * t && (n % t == 0 || n >= 8 * t);
 }
 
-// fn(n) for every sample, in parallel over samples when by_samples(n).
+// fn(n) for every sample, in parallel over samples when by_samples(n); with last_first, each thread takes its
+// samples from the last one (after a pass in order, the part of the map read or written last is in the cache).
 template <typename F>
-void for_samples(int64_t n, const F& fn) {
-  if (by_samples(n)) {
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+void for_samples(int64_t n, const F& fn, bool last_first = false) {
+  auto run = [&](int64_t begin, int64_t end) {
+    if (last_first)
+      for (int64_t i = end - 1; i >= begin; --i) fn(i);
+    else
       for (int64_t i = begin; i < end; ++i) fn(i);
-    });
-  } else {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-  }
+  };
+  if (by_samples(n))
+    at::parallel_for(0, n, 1, run);
+  else
+    run(0, n);
 }
 
 // fn(i) for i in [0, count), in parallel chunks of about kTaskElems elements (serial inside a parallel region).
@@ -861,6 +865,8 @@ int64_t pools_scratch(int64_t G, int64_t C, int64_t hidden) { return G * (4 * C 
 
 // Channel pools, channel gates and spatial pools of samples [n0, n0 + G) of x. With in_a (and in_b), the module's
 // input is the affine map x * in_a[c] + in_b[c] of the tensor read (a BatchNorm folded in front of the module).
+// The channel pools take each thread's samples from the last one, the spatial pools then go in order (each pass
+// starts with the samples the previous one read last).
 template <typename scalar_t, typename acc_t, bool ARG>
 void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, const Mlp<acc_t>& mlp, bool avg,
                  bool max, const acc_t* in_a, const acc_t* in_b, const GroupPools<acc_t>& o, acc_t* scratch) {
@@ -886,7 +892,7 @@ void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, co
     }
     if (avg)
       for (int64_t c = 0; c < C; ++c) o.pooled[0][i * C + c] = sums[i * C + c] / static_cast<acc_t>(P);
-  });
+  }, /*last_first=*/true);
   group_mlp(mlp, G, o.pooled, o.hpre[0] ? o.hpre : nullptr, n_pools, act, o.gc);
   if (!o.maps) return;
   for_samples(G, [&](int64_t i) {
@@ -960,7 +966,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
     acc_t *pp = pooled.mutable_data_ptr<acc_t>(), *hp = hpre.mutable_data_ptr<acc_t>();
     const int64_t G = group_size(s, sizeof(scalar_t));
     std::vector<acc_t> scratch(pools_scratch(G, C, Hd));
-    for (int64_t n0 = 0; n0 < N; n0 += G) {
+    for (int64_t n0 = (N - 1) / G * G; n0 >= 0; n0 -= G) {  // the last group first (the likeliest in the cache)
       const int64_t g = std::min(G, N - n0);
       GroupPools<acc_t> o{{pp + n0 * C, pp + (N + n0) * C},
                           {hp + n0 * Hd, hp + (N + n0) * Hd},
