@@ -746,8 +746,9 @@ void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, 
 
 // out = (x * chan) * pos for one sample's rows; chan (the channel gate, multiplied first as in the reference) and
 // pos (the spatial gate) are row or column vectors depending on the layout. With RES, the tail of a residual block
-// is taken into the same pass: out = relu((x * chan) * pos + res). With AFF, x is the affine map t * in_a[c] +
-// in_b[c] of the tensor read (a folded BatchNorm; in_a and in_b are per channel).
+// is taken into the same pass: out = relu((x * chan) * pos + res). With AFF, the module's input is a folded
+// BatchNorm's affine map of the tensor read, and the channel gate comes inside it: out = (t * in_a[c] + in_b[c]) *
+// pos with in_a = scale * gc and in_b = shift * gc per channel (as the spatial pools read x * gc), chan unused.
 template <typename scalar_t, typename acc_t, bool RES, bool AFF>
 void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
                int64_t K, const scalar_t* res, const acc_t* in_a, const acc_t* in_b, scalar_t* out, bool stream) {
@@ -756,29 +757,24 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
     const scalar_t* __restrict__ xr = x + r * K;
     const scalar_t* __restrict__ rr = RES ? res + r * K : nullptr;
     scalar_t* __restrict__ orow = out + r * K;
-    // per row: a the row's scalar factor (channel gate of NCHW row c, spatial gate of channels-last row p) and v
-    // the column vector; the reference's rounding order is (x * channel gate) * spatial gate
-    const acc_t a = chan_is_row ? chan[r] : pos[r];
+    // per row: a the row's scalar factor (channel gate of NCHW row c, spatial gate of channels-last row p; 1 for
+    // an NCHW row with AFF) and v the column vector (null for a channels-last row with AFF); the reference's
+    // rounding order is (x * channel gate) * spatial gate
+    const acc_t a = chan_is_row ? (AFF ? acc_t(1) : chan[r]) : pos[r];
     const acc_t* __restrict__ v = chan_is_row ? pos : chan;
     const acc_t ra = AFF && chan_is_row ? in_a[r] : acc_t(1), rb = AFF && chan_is_row ? in_b[r] : acc_t(0);
-    auto input = [&](acc_t t, int64_t k) {
-      if constexpr (AFF) return chan_is_row ? t * ra + rb : t * in_a[k] + in_b[k];
-      return t;
-    };
-    auto input_v = [&](const V& t, int64_t k) {
-      if constexpr (AFF) return chan_is_row ? t * ra + rb : t * vload<acc_t>(in_a + k) + vload<acc_t>(in_b + k);
-      return t;
-    };
-    auto value = [&](acc_t xv, acc_t vv) { return chan_is_row ? xv * a * vv : xv * vv * a; };
-    auto tail = [&](acc_t y, int64_t k) {
+    auto one = [&](int64_t k) {
+      const acc_t t = static_cast<acc_t>(xr[k]);
+      acc_t y;
+      if constexpr (AFF)
+        y = chan_is_row ? (t * ra + rb) * v[k] : (t * in_a[k] + in_b[k]) * a;
+      else
+        y = chan_is_row ? t * a * v[k] : t * v[k] * a;
       if constexpr (RES) {
         y += static_cast<acc_t>(rr[k]);
         y = y < 0 ? acc_t(0) : y;  // a nan stays nan, as with torch.relu
       }
-      return y;
-    };
-    auto one = [&](int64_t k) {
-      return static_cast<scalar_t>(tail(value(input(static_cast<acc_t>(xr[k]), k), v[k]), k));
+      return static_cast<scalar_t>(y);
     };
     if (!stream && std::is_same_v<scalar_t, acc_t>) {  // plain loop: vectorised by the compiler (restrict)
       for (int64_t k = 0; k < K; ++k) orow[k] = one(k);
@@ -787,8 +783,13 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
     write_row<scalar_t, acc_t>(
         orow, K, stream,
         [&](int64_t k) {
-          const V t = input_v(vload<acc_t>(xr + k), k);
-          V y = chan_is_row ? t * a * vload<acc_t>(v + k) : t * vload<acc_t>(v + k) * a;
+          const V t = vload<acc_t>(xr + k);
+          V y;
+          if constexpr (AFF)
+            y = chan_is_row ? (t * ra + rb) * vload<acc_t>(v + k)
+                            : (t * vload<acc_t>(in_a + k) + vload<acc_t>(in_b + k)) * a;
+          else
+            y = chan_is_row ? t * a * vload<acc_t>(v + k) : t * vload<acc_t>(v + k) * a;
           if constexpr (RES) {
             y += vload<acc_t>(rr + k);
             y = y < 0 ? V{} : y;
@@ -1027,6 +1028,9 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, cons
     const scalar_t* xs = x + (lo + i) * S;
     const acc_t* gci = gc + i * C;
     acc_t* gsi = gs + i * P;
+    acc_t *ca = coef, *cb = coef + C;  // with a folded BatchNorm, its affine times the gate (x * gc, read as such)
+    if (in_a)
+      for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
     if (conv_w) {
       acc_t *s_sum = maps + i * 2 * P, *s_max = s_sum + P;
       if (!in_a) {
@@ -1034,13 +1038,10 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, cons
           sample_pool_rows<scalar_t, acc_t, false>(xs, ColScale<acc_t>{gci}, R, K, s_sum, s_max, nullptr);
         else
           sample_pool_cols<scalar_t, acc_t, false>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, nullptr);
+      } else if (s.cl) {
+        sample_pool_rows<scalar_t, acc_t, false>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
       } else {
-        acc_t *ca = coef, *cb = coef + C;
-        for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
-        if (s.cl)
-          sample_pool_rows<scalar_t, acc_t, false>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
-        else
-          sample_pool_cols<scalar_t, acc_t, false>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
+        sample_pool_cols<scalar_t, acc_t, false>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
       }
       for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
       sample_conv(s_sum, conv_w, ks, s.h, s.w, bias, gsi);
@@ -1049,8 +1050,9 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, cons
       std::fill(gsi, gsi + P, acc_t(1));
     }
     const int64_t base = (lo + i) * S;
+    const scalar_t* rs = res ? res + base : nullptr;
     for_range(R, K, [&](int64_t r) {
-      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, res ? res + base : nullptr, in_a, in_b, out + base,
+      gate_rows_any(xs, gci, gsi, !s.cl, r, r + 1, K, rs, in_a ? ca : nullptr, in_a ? cb : nullptr, out + base,
                     stream);
     });
   }
@@ -1132,10 +1134,17 @@ Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::o
     const acc_t *cp = chan.const_data_ptr<acc_t>(), *pp = pos.const_data_ptr<acc_t>();
     const int64_t R = s.rows(), K = s.cols(), C = s.c, P = s.p(), S = s.sample();
     const bool stream = stream_output(out);
+    const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
+    std::vector<acc_t> coef(in_a ? s.n * 2 * C : 0);  // (N, 2, C): a folded BatchNorm's affine times the gate
+    for (int64_t n = 0; in_a && n < s.n; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        coef[n * 2 * C + c] = in_a[c] * cp[n * C + c], coef[n * 2 * C + C + c] = in_b[c] * cp[n * C + c];
     for_range(s.n * R, K, [&](int64_t i) {
       const int64_t n = i / R, r = i % R;
-      gate_rows_any(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rp ? rp + n * S : nullptr,
-                    static_cast<const acc_t*>(in_ab.first), static_cast<const acc_t*>(in_ab.second), op + n * S, stream);
+      const scalar_t* rs = rp ? rp + n * S : nullptr;
+      const acc_t* ca = in_a ? coef.data() + n * 2 * C : nullptr;
+      gate_rows_any(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rs, ca, in_a ? ca + C : nullptr,
+                    op + n * S, stream);
     });
   });
   return out;
