@@ -88,7 +88,7 @@ def test_matches_batchnorm_then_reference(fmt, training, config, residual):
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_every_split_and_group_boundary_in_float64(fmt, training):
+def test_every_split_and_bunch_boundary_in_float64(fmt, training):
     """Tiny tuning values force every block split and partial-sum combination; float64 leaves only rounding."""
     m, bn = _pair(20, torch.float64)
     m.train(training), bn.train(training)

@@ -58,9 +58,9 @@ def _assert_close(got, expected, rel=1e-5):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("shape", [(5, 24, 7, 9), (1, 40, 17, 3), (6, 4, 2, 2)])
-def test_every_split_and_group_boundary(fmt, training, grad, shape):
+def test_every_split_and_bunch_boundary(fmt, training, grad, shape):
     """Tiny blocks: columns split into 16-wide blocks, rows into many blocks (partial results combined), one sample
-    per group (the channel gate of each group computed on its own), every float32 output written with streaming
+    per bunch (the channel gate of each sample computed on its own), every float32 output written with streaming
     stores (rows of any alignment)."""
     m = _module(shape[1]).train(training)
     x = torch.randn(shape).contiguous(memory_format=fmt)
@@ -143,8 +143,8 @@ def test_inference_does_not_depend_on_how_samples_are_bunched(fmt, pool_types):
     m = CBAM(40, pool_types=pool_types).eval()
     x = torch.randn(7, 40, 9, 11).contiguous(memory_format=fmt)
     outs = []
-    for group_bytes in (1, 1 << 40):
-        previous = torch.ops.cbam_cpu.configure(0, 0, group_bytes, 0)
+    for bunch_bytes in (1, 1 << 40):
+        previous = torch.ops.cbam_cpu.configure(0, 0, bunch_bytes, 0)
         try:
             with torch.no_grad():
                 outs.append(cbam_fused(m, x))

@@ -10,9 +10,11 @@
 // maximum nan, as torch.amax does.
 //
 // Parallelism is PyTorch's own thread pool (at::parallel_for). Batches with a few samples per thread are split by
-// sample, so that a sample read once from memory is read again from the cache (channel pools, MLP and spatial
-// pools of one sample run back to back); smaller batches are split inside each sample. Partial results that
-// share an output are combined in a fixed order, so results do not depend on the number of threads.
+// sample: each thread takes its samples a bunch (about 2 MB) at a time, from the last one, and runs a bunch's
+// passes back to back, so that a sample read once from memory is read again from the cache (channel pools, MLP,
+// spatial pools and, at inference, the output); smaller batches are split inside each sample. Partial results
+// that share an output are combined in a fixed order, and the MLP of a bunch is dot products in a fixed order, so
+// results do not depend on the number of threads or on how samples are bunched.
 
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
@@ -46,10 +48,10 @@
 namespace {
 
 using at::Tensor;
-// Tuning (settable through cbam_cpu::configure, which the tests use to force every split and group boundary).
+// Tuning (settable through cbam_cpu::configure, which the tests use to force every split and bunch boundary).
 int64_t kColBlock = 4096;       // columns accumulated together across rows
 int64_t kTaskElems = 1 << 15;   // smallest useful task when a sample is split into row blocks
-int64_t kGroupBytes = 8 << 20;  // samples processed together (read again from the cache)
+int64_t kBunchBytes = 2 << 20;  // samples a thread takes through the passes together (read again from the cache)
 int64_t kStreamBytes = 16 << 20;  // full-size float outputs at least this large bypass the cache when written
 constexpr int64_t kMinTasks = 8;  // row blocks are added until there are this many tasks (if large enough)
 
@@ -286,15 +288,11 @@ bool by_samples(int64_t n) {
   return !at::in_parallel_region() && t > 1 && n >= 2 * t && (n % t == 0 || n >= 8 * t);
 }
 
-// fn(n) for every sample, in parallel over samples when by_samples(n); with last_first, each thread takes its
-// samples from the last one (after a pass in order, the part of the map read or written last is in the cache).
+// fn(n) for every sample, in parallel over samples when by_samples(n).
 template <typename F>
-void for_samples(int64_t n, const F& fn, bool last_first = false) {
+void for_samples(int64_t n, const F& fn) {
   auto run = [&](int64_t begin, int64_t end) {
-    if (last_first)
-      for (int64_t i = end - 1; i >= begin; --i) fn(i);
-    else
-      for (int64_t i = begin; i < end; ++i) fn(i);
+    for (int64_t i = begin; i < end; ++i) fn(i);
   };
   if (by_samples(n))
     at::parallel_for(0, n, 1, run);
@@ -622,47 +620,15 @@ struct Mlp {
   int64_t channels, hidden;
 };
 
-// Channel gates of G samples: gc = sigmoid(sum_p fc2(relu(fc1(pooled_p)))), through the library's matrix products
-// (every weight read once for the group). pooled[p] and hpre[p] (written when given) are (G, C) and (G, hidden)
-// arrays; act (G, hidden) is scratch.
-template <typename acc_t>
-void group_mlp(const Mlp<acc_t>& mlp, int64_t G, const acc_t* const* pooled, acc_t* const* hpre, int n_pools,
-               acc_t* act, acc_t* gc) {
-  const int64_t C = mlp.channels, Hd = mlp.hidden;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto wrap = [&](const acc_t* p, at::IntArrayRef shape) { return at::from_blob(const_cast<acc_t*>(p), shape, opts); };
-  const Tensor w1 = wrap(mlp.w1, {Hd, C}), w2 = wrap(mlp.w2, {C, Hd});
-  // Both pools' descriptors through fc1 in one product (the library packs the weight once per call).
-  Tensor x = n_pools == 1 || pooled[1] == pooled[0] + G * C
-                 ? wrap(pooled[0], {n_pools * G, C})
-                 : at::cat({wrap(pooled[0], {G, C}), wrap(pooled[1], {G, C})});
-  const bool direct = hpre && (n_pools == 1 || hpre[1] == hpre[0] + G * Hd);
-  Tensor h = direct ? wrap(hpre[0], {n_pools * G, Hd}) : at::empty({n_pools * G, Hd}, opts);
-  if (mlp.b1)
-    at::addmm_out(h, wrap(mlp.b1, {Hd}), x, w1.t());
-  else
-    at::mm_out(h, x, w1.t());
-  if (hpre && !direct)
-    for (int p = 0; p < n_pools; ++p) wrap(hpre[p], {G, Hd}).copy_(h.narrow(0, p * G, G));
-  Tensor a = wrap(act, {G, Hd});
-  at::clamp_min_out(a, h.narrow(0, 0, G), 0);
-  // fc2 is linear: the sum over pools of fc2 is fc2 of the summed activations (plus n_pools biases)
-  if (n_pools == 2) a.add_(h.narrow(0, G, G).clamp_min(0));
-  Tensor g = wrap(gc, {G, C});
-  if (mlp.b2)
-    at::addmm_out(g, wrap(mlp.b2, {C}), a, w2.t(), n_pools, 1);
-  else
-    at::mm_out(g, a, w2.t());
-  g.sigmoid_();
-}
-
 // Channel gates of B samples by dot products, gc[i] = sigmoid(sum_p fc2(relu(fc1(pooled[i][p])))), each weight row
 // read once for all of them and each sum in a fixed order, so a sample's gate does not depend on which samples
-// share the call (the inference path calls it per thread; a library matrix product for a few samples packed the
+// share the call (each thread calls it for a few samples; a library matrix product for a few samples packed the
 // weights on every call, measured a third of the module's time at 7 x 7). pooled[i * n_pools + p] is sample i's
-// pool p; act (B, hidden) is scratch; gc is (B, C).
+// pool p (C), hpre (null or like pooled) receives fc1's pre-activations (hidden), gc[i] sample i's gate (C); act
+// (B, hidden) is scratch.
 template <typename acc_t>
-void bunch_mlp(const Mlp<acc_t>& mlp, int64_t B, const acc_t* const* pooled, int n_pools, acc_t* act, acc_t* gc) {
+void bunch_mlp(const Mlp<acc_t>& mlp, int64_t B, int n_pools, const acc_t* const* pooled, acc_t* const* hpre,
+               acc_t* act, acc_t* const* gc) {
   const int64_t C = mlp.channels, Hd = mlp.hidden, V = B * n_pools;
   std::vector<acc_t> h(V);
   auto rows_dot = [](const acc_t* w, const acc_t* const* vecs, int64_t count, int64_t n, acc_t* out) {
@@ -677,6 +643,7 @@ void bunch_mlp(const Mlp<acc_t>& mlp, int64_t B, const acc_t* const* pooled, int
       acc_t a = 0;
       for (int p = 0; p < n_pools; ++p) {
         const acc_t hp = h[i * n_pools + p] + b;
+        if (hpre) hpre[i * n_pools + p][j] = hp;
         a += hp < 0 ? acc_t(0) : hp;  // relu; a nan stays nan
       }
       act[i * Hd + j] = a;  // fc2 is linear: fc2 of the summed activations, plus n_pools biases
@@ -688,7 +655,7 @@ void bunch_mlp(const Mlp<acc_t>& mlp, int64_t B, const acc_t* const* pooled, int
   for (int64_t c = 0; c < C; ++c) {
     rows_dot(mlp.w2 + c * Hd, acts.data(), B, Hd, g.data());
     const acc_t b = mlp.b2 ? static_cast<acc_t>(n_pools) * mlp.b2[c] : acc_t(0);
-    for (int64_t i = 0; i < B; ++i) gc[i * C + c] = sigmoid(g[i] + b);
+    for (int64_t i = 0; i < B; ++i) gc[i][c] = sigmoid(g[i] + b);
   }
 }
 
@@ -839,48 +806,37 @@ MapShape map_shape(const Tensor& x, const char* what = "x") {
   return {cl || x.is_contiguous() ? x : x.contiguous(), x.size(0), x.size(1), x.size(2), x.size(3), cl};
 }
 
-// Training samples are processed in groups of about kGroupBytes: each sample is read once from memory for the
-// channel pools and again, from the cache, for the spatial pools (inference goes by bunches, see bunch_size).
-// Groups hold a multiple of 4 samples (at least 4), so that 2 or 4 threads take whole samples (5 samples on 2
-// threads ran each sample split across the threads instead, measured 1.5x slower); the size depends on the map
-// only, never on the thread count (the channel gate's matrix product sees the same group, so results do not
-// change with threads).
-int64_t group_size(const MapShape& s, int64_t elem_bytes) {
-  const int64_t fit = kGroupBytes / std::max<int64_t>(1, s.sample() * elem_bytes);
-  return std::min<int64_t>(s.n, std::max<int64_t>(fit - fit % 4, 4));
-}
-
-// Outputs of the pools of one group of G samples (rows of the batch arrays, or scratch).
+// Where the pools of samples go: batch arrays, or scratch for a bunch (sample n at row n - first).
 template <typename acc_t>
-struct GroupPools {
-  acc_t* pooled[2];  // (G, C) each: the avg and / or max channel descriptors, in that order
-  acc_t* hpre[2];    // (G, hidden) each, or null
-  acc_t* gc;         // (G, C)
-  acc_t* maps;       // (G, 2, H*W): channel mean and max of x * gc; null without the spatial gate
-  int32_t* idx_c;    // (G, C) first arg-max position per channel, when ARG
-  int32_t* idx_s;    // (G, H*W) first arg-max channel per position, when ARG and spatial
+struct PoolsOut {
+  int64_t first;     // the sample at row 0
+  acc_t* pooled[2];  // (C) per sample each: the avg and / or max channel descriptors, in that order
+  acc_t* hpre[2];    // (hidden) per sample each, or null
+  acc_t* gc;         // (C) per sample
+  acc_t* maps;       // (2, H*W) per sample: channel mean and max of x * gc; null without the spatial gate
+  int32_t* idx_c;    // (C) per sample: first arg-max position per channel, when ARG
+  int32_t* idx_s;    // (H*W) per sample: first arg-max channel per position, when ARG and spatial
 };
 
-// Scratch elements group_pools needs for G samples.
-int64_t pools_scratch(int64_t G, int64_t C, int64_t hidden) { return G * (4 * C + hidden); }
+// Scratch elements bunch_gates needs for B samples.
+int64_t gates_scratch(int64_t B, int64_t C, int64_t hidden) { return B * (2 * C + hidden); }
 
-// Channel pools, channel gates and spatial pools of samples [n0, n0 + G) of x. With in_a (and in_b), the module's
-// input is the affine map x * in_a[c] + in_b[c] of the tensor read (a BatchNorm folded in front of the module).
-// The channel pools take each thread's samples from the last one, the spatial pools then go in order (each pass
-// starts with the samples the previous one read last).
+// The channel pools and channel gates of samples [lo, hi) of x, the pools from the last sample (after a pass in
+// order, the part of the map read or written last is in the cache). With in_a (and in_b), the module's input is
+// the affine map x * in_a[c] + in_b[c] of the tensor read (a BatchNorm folded in front of the module).
 template <typename scalar_t, typename acc_t, bool ARG>
-void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, const Mlp<acc_t>& mlp, bool avg,
-                 bool max, const acc_t* in_a, const acc_t* in_b, const GroupPools<acc_t>& o, acc_t* scratch) {
-  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols();
+void bunch_gates(const scalar_t* x, const MapShape& s, int64_t lo, int64_t hi, const Mlp<acc_t>& mlp, bool avg,
+                 bool max, const acc_t* in_a, const acc_t* in_b, const PoolsOut<acc_t>& o, acc_t* scratch) {
+  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), B = hi - lo, Hd = mlp.hidden;
   const int n_pools = int(avg) + int(max);
-  acc_t* sums = scratch;                      // (G, C)
-  acc_t* maxima = max ? o.pooled[n_pools - 1] : scratch + G * C;
-  acc_t* act = scratch + 2 * G * C;           // (G, hidden)
-  acc_t* coef = act + G * mlp.hidden;         // (G, 2, C): the input affine times the channel gate
-  for_samples(G, [&](int64_t i) {
-    const scalar_t* xs = x + (n0 + i) * s.sample();
-    int32_t* ic = ARG ? o.idx_c + i * C : nullptr;
-    acc_t *sm = sums + i * C, *mx = maxima + i * C;
+  acc_t *sums = scratch, *spare_max = sums + B * C, *act = spare_max + B * C;  // (B, C), (B, C), (B, hidden)
+  std::vector<const acc_t*> pooled(B * n_pools);
+  std::vector<acc_t*> hpre(o.hpre[0] ? B * n_pools : 0), gc(B);
+  for (int64_t i = B - 1; i >= 0; --i) {
+    const int64_t n = lo + i, row = n - o.first;
+    const scalar_t* xs = x + n * s.sample();
+    int32_t* ic = ARG ? o.idx_c + row * C : nullptr;
+    acc_t *sm = sums + i * C, *mx = max ? o.pooled[n_pools - 1] + row * C : spare_max + i * C;
     if (!in_a) {
       if (s.cl)
         sample_pool_cols<scalar_t, acc_t, ARG>(xs, Ident<acc_t>{}, R, K, sm, mx, ic);
@@ -892,30 +848,59 @@ void group_pools(const scalar_t* x, const MapShape& s, int64_t n0, int64_t G, co
       sample_pool_rows<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{in_a, in_b}, R, K, sm, mx, ic);
     }
     if (avg)
-      for (int64_t c = 0; c < C; ++c) o.pooled[0][i * C + c] = sums[i * C + c] / static_cast<acc_t>(P);
-  }, /*last_first=*/true);
-  group_mlp(mlp, G, o.pooled, o.hpre[0] ? o.hpre : nullptr, n_pools, act, o.gc);
-  if (!o.maps) return;
-  for_samples(G, [&](int64_t i) {
-    const scalar_t* xs = x + (n0 + i) * s.sample();
-    const acc_t* gci = o.gc + i * C;
-    acc_t *s_sum = o.maps + i * 2 * P, *s_max = s_sum + P;
-    int32_t* is = ARG ? o.idx_s + i * P : nullptr;
-    if (!in_a) {
-      if (s.cl)
-        sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColScale<acc_t>{gci}, R, K, s_sum, s_max, is);
-      else
-        sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, is);
-    } else {
-      acc_t *ca = coef + i * 2 * C, *cb = ca + C;
-      for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
-      if (s.cl)
-        sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
-      else
-        sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+      for (int64_t c = 0; c < C; ++c) o.pooled[0][row * C + c] = sm[c] / static_cast<acc_t>(P);
+    for (int p = 0; p < n_pools; ++p) {
+      pooled[i * n_pools + p] = o.pooled[p] + row * C;
+      if (o.hpre[0]) hpre[i * n_pools + p] = o.hpre[p] + row * Hd;
     }
-    for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
-  });
+    gc[i] = o.gc + row * C;
+  }
+  bunch_mlp(mlp, B, n_pools, pooled.data(), o.hpre[0] ? hpre.data() : nullptr, act, gc.data());
+}
+
+// The spatial pools of sample n (channel mean and max of x * gc, over C, into o.maps) and their arg-max channels.
+// coef (2C) is scratch.
+template <typename scalar_t, typename acc_t, bool ARG>
+void sample_spatial_pools(const scalar_t* x, const MapShape& s, int64_t n, const acc_t* in_a, const acc_t* in_b,
+                          const PoolsOut<acc_t>& o, acc_t* coef) {
+  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), row = n - o.first;
+  const scalar_t* xs = x + n * s.sample();
+  const acc_t* gci = o.gc + row * C;
+  acc_t *s_sum = o.maps + row * 2 * P, *s_max = s_sum + P;
+  int32_t* is = ARG ? o.idx_s + row * P : nullptr;
+  if (!in_a) {
+    if (s.cl)
+      sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColScale<acc_t>{gci}, R, K, s_sum, s_max, is);
+    else
+      sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, is);
+  } else {
+    acc_t *ca = coef, *cb = coef + C;
+    for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
+    if (s.cl)
+      sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+    else
+      sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+  }
+  for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
+}
+
+// Samples go through the passes a bunch of at most about kBunchBytes at a time (while they are in the cache), each
+// thread its own samples (by_samples), or one bunch after the other with each pass split across threads.
+int64_t bunch_size(const MapShape& s, int64_t elem_bytes) {
+  return std::max<int64_t>(1, kBunchBytes / std::max<int64_t>(1, s.sample() * elem_bytes));
+}
+
+// fn(lo, hi) for bunches of the n samples, the last bunch first (see bunch_gates), in parallel over samples when
+// by_samples(n).
+template <typename F>
+void for_bunches(int64_t n, int64_t bunch, const F& fn) {
+  auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t hi = end; hi > begin; hi -= bunch) fn(std::max(begin, hi - bunch), hi);
+  };
+  if (by_samples(n))
+    at::parallel_for(0, n, 1, run);
+  else
+    run(0, n);
 }
 
 // The optional input affine (scale, shift) of a folded BatchNorm: both or neither, (C,) in the compute dtype.
@@ -965,102 +950,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
     const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
     acc_t *pp = pooled.mutable_data_ptr<acc_t>(), *hp = hpre.mutable_data_ptr<acc_t>();
-    const int64_t G = group_size(s, sizeof(scalar_t));
-    std::vector<acc_t> scratch(pools_scratch(G, C, Hd));
-    for (int64_t n0 = (N - 1) / G * G; n0 >= 0; n0 -= G) {  // the last group first (the likeliest in the cache)
-      const int64_t g = std::min(G, N - n0);
-      GroupPools<acc_t> o{{pp + n0 * C, pp + (N + n0) * C},
-                          {hp + n0 * Hd, hp + (N + n0) * Hd},
-                          gc.mutable_data_ptr<acc_t>() + n0 * C,
-                          spatial ? maps.mutable_data_ptr<acc_t>() + n0 * 2 * P : nullptr,
-                          need_idx ? idx_c.mutable_data_ptr<int32_t>() + n0 * C : nullptr,
-                          spatial && need_idx ? idx_s.mutable_data_ptr<int32_t>() + n0 * P : nullptr};
-      const auto* in_a = static_cast<const acc_t*>(in_ab.first);
-      const auto* in_b = static_cast<const acc_t*>(in_ab.second);
-      if (need_idx)
-        group_pools<scalar_t, acc_t, true>(xp, s, n0, g, mlp, avg, max, in_a, in_b, o, scratch.data());
-      else
-        group_pools<scalar_t, acc_t, false>(xp, s, n0, g, mlp, avg, max, in_a, in_b, o, scratch.data());
-    }
+    const auto* in_a = static_cast<const acc_t*>(in_ab.first);
+    const auto* in_b = static_cast<const acc_t*>(in_ab.second);
+    const PoolsOut<acc_t> o{0,
+                            {pp, pp + N * C},
+                            {hp, hp + N * Hd},
+                            gc.mutable_data_ptr<acc_t>(),
+                            spatial ? maps.mutable_data_ptr<acc_t>() : nullptr,
+                            need_idx ? idx_c.mutable_data_ptr<int32_t>() : nullptr,
+                            spatial && need_idx ? idx_s.mutable_data_ptr<int32_t>() : nullptr};
+    const int64_t bunch = bunch_size(s, sizeof(scalar_t));
+    with_flags(need_idx, false, [&](auto arg, auto) {
+      constexpr bool ARG = decltype(arg)::value;
+      for_bunches(N, bunch, [&](int64_t lo, int64_t hi) {
+        std::vector<acc_t> scratch(gates_scratch(hi - lo, C, Hd) + 2 * C);
+        bunch_gates<scalar_t, acc_t, ARG>(xp, s, lo, hi, mlp, avg, max, in_a, in_b, o, scratch.data());
+        for (int64_t n = lo; spatial && n < hi; ++n)  // in order: the first is the one pooled last
+          sample_spatial_pools<scalar_t, acc_t, ARG>(xp, s, n, in_a, in_b, o, scratch.data() + gates_scratch(hi - lo, C, Hd));
+      });
+    });
   });
   return {pooled, hpre, gc, maps, idx_c, idx_s};
 }
 
-// Scratch elements of the inference path for B samples: per sample the channel sums and maxima, activations,
+// Scratch elements of the inference path for B samples: bunch_gates' scratch, then per sample the pooled vectors,
 // channel gate, the two spatial maps and the spatial gate; once, a folded BatchNorm's affine times a gate.
-int64_t inference_scratch(int64_t B, int64_t C, int64_t hidden, int64_t P) { return B * (3 * C + hidden + 3 * P) + 2 * C; }
+int64_t inference_scratch(int64_t B, int64_t C, int64_t hidden, int64_t P) {
+  return gates_scratch(B, C, hidden) + B * (3 * C + 3 * P) + 2 * C;
+}
 
-// Samples [lo, hi) of the inference path, while they are in the caches: the channel pools of each (last first,
-// nearest in the cache to whatever wrote the map), the channel gates of all of them (the MLP's weights read once),
-// then each sample's spatial pools, convolution, gate and output. Inside a parallel region (the caller runs
-// samples in parallel) every pass runs on the calling thread; otherwise each pass splits the sample's rows. Either
-// way the arithmetic, and so the result, is the same.
+// Samples [lo, hi) of the inference path, while they are in the caches: their channel gates (bunch_gates), then
+// each sample's spatial pools, convolution, gate and output, from the one pooled last. Inside a parallel region
+// (the caller runs samples in parallel) every pass runs on the calling thread; otherwise each pass splits the
+// sample's rows. Either way the arithmetic, and so the result, is the same.
 template <typename scalar_t, typename acc_t>
 void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, const MapShape& s, int64_t lo, int64_t hi,
                      const Mlp<acc_t>& mlp, bool avg, bool max, const acc_t* in_a, const acc_t* in_b,
                      const acc_t* conv_w, int64_t ks, acc_t bias, acc_t scale, acc_t shift, bool stream,
                      acc_t* scratch) {
-  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), S = s.sample(), B = hi - lo, Hd = mlp.hidden;
-  const int n_pools = int(avg) + int(max);
-  acc_t *sums = scratch, *maxima = sums + B * C, *act = maxima + B * C, *gc = act + B * Hd, *maps = gc + B * C;
-  acc_t *gs = maps + B * 2 * P, *coef = gs + B * P;
-  std::vector<const acc_t*> pooled(B * n_pools);
-  for (int64_t i = B - 1; i >= 0; --i) {
-    const scalar_t* xs = x + (lo + i) * S;
-    acc_t *sm = sums + i * C, *mx = maxima + i * C;
-    if (!in_a) {
-      if (s.cl)
-        sample_pool_cols<scalar_t, acc_t, false>(xs, Ident<acc_t>{}, R, K, sm, mx, nullptr);
-      else
-        sample_pool_rows<scalar_t, acc_t, false>(xs, Ident<acc_t>{}, R, K, sm, mx, nullptr);
-    } else if (s.cl) {
-      sample_pool_cols<scalar_t, acc_t, false>(xs, ColAffine<acc_t>{in_a, in_b}, R, K, sm, mx, nullptr);
-    } else {
-      sample_pool_rows<scalar_t, acc_t, false>(xs, RowAffine<acc_t>{in_a, in_b}, R, K, sm, mx, nullptr);
-    }
-    if (avg)
-      for (int64_t c = 0; c < C; ++c) sm[c] /= static_cast<acc_t>(P);
-    pooled[i * n_pools] = avg ? sm : mx;
-    if (n_pools == 2) pooled[i * n_pools + 1] = mx;
-  }
-  bunch_mlp(mlp, B, pooled.data(), n_pools, act, gc);
+  const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), S = s.sample(), B = hi - lo;
+  acc_t* pooled = scratch + gates_scratch(B, C, mlp.hidden);
+  acc_t *gc = pooled + B * 2 * C, *maps = gc + B * C, *gs = maps + B * 2 * P, *coef = gs + B * P;
+  const PoolsOut<acc_t> o{lo, {pooled, pooled + B * C}, {nullptr, nullptr}, gc, maps, nullptr, nullptr};
+  bunch_gates<scalar_t, acc_t, false>(x, s, lo, hi, mlp, avg, max, in_a, in_b, o, scratch);
   for (int64_t i = 0; i < B; ++i) {
-    const scalar_t* xs = x + (lo + i) * S;
     const acc_t* gci = gc + i * C;
     acc_t* gsi = gs + i * P;
-    acc_t *ca = coef, *cb = coef + C;  // with a folded BatchNorm, its affine times the gate (x * gc, read as such)
-    if (in_a)
-      for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
     if (conv_w) {
-      acc_t *s_sum = maps + i * 2 * P, *s_max = s_sum + P;
-      if (!in_a) {
-        if (s.cl)
-          sample_pool_rows<scalar_t, acc_t, false>(xs, ColScale<acc_t>{gci}, R, K, s_sum, s_max, nullptr);
-        else
-          sample_pool_cols<scalar_t, acc_t, false>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, nullptr);
-      } else if (s.cl) {
-        sample_pool_rows<scalar_t, acc_t, false>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
-      } else {
-        sample_pool_cols<scalar_t, acc_t, false>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, nullptr);
-      }
-      for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
-      sample_conv(s_sum, conv_w, ks, s.h, s.w, bias, gsi);
+      sample_spatial_pools<scalar_t, acc_t, false>(x, s, lo + i, in_a, in_b, o, coef);
+      sample_conv(maps + i * 2 * P, conv_w, ks, s.h, s.w, bias, gsi);
       for (int64_t p = 0; p < P; ++p) gsi[p] = sigmoid(gsi[p] * scale + shift);
     } else {
       std::fill(gsi, gsi + P, acc_t(1));
     }
+    acc_t *ca = coef, *cb = coef + C;  // with a folded BatchNorm, its affine times the gate (x * gc, read as such)
+    if (in_a)
+      for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
     const int64_t base = (lo + i) * S;
     const scalar_t* rs = res ? res + base : nullptr;
     for_range(R, K, [&](int64_t r) {
-      gate_rows_any(xs, gci, gsi, !s.cl, r, r + 1, K, rs, in_a ? ca : nullptr, in_a ? cb : nullptr, out + base,
+      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, rs, in_a ? ca : nullptr, in_a ? cb : nullptr, out + base,
                     stream);
     });
   }
-}
-
-// Samples of at most about kGroupBytes / 4 go through bunch_inference together (a thread's share of a group).
-int64_t bunch_size(const MapShape& s, int64_t elem_bytes) {
-  return std::max<int64_t>(1, kGroupBytes / 4 / std::max<int64_t>(1, s.sample() * elem_bytes));
 }
 
 // The whole module without gradients and without batch statistics, sample by sample (samples in parallel when
@@ -1100,17 +1052,11 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
     const acc_t scale = norm_scale.const_data_ptr<acc_t>()[0], shift = norm_shift.const_data_ptr<acc_t>()[0];
     const bool stream = stream_output(out);
     const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
-    const int64_t bunch = bunch_size(s, sizeof(scalar_t));
-    auto run = [&](int64_t begin, int64_t end) {  // samples [begin, end), in bunches from the last
-      std::vector<acc_t> scratch(inference_scratch(std::min(bunch, end - begin), s.c, mlp.hidden, s.p()));
-      for (int64_t hi = end; hi > begin; hi -= bunch)
-        bunch_inference<scalar_t, acc_t>(xp, rp, op, s, std::max(begin, hi - bunch), hi, mlp, avg, max, in_a, in_b,
-                                         wp, ks, bias, scale, shift, stream, scratch.data());
-    };
-    if (by_samples(s.n))
-      at::parallel_for(0, s.n, 1, run);
-    else
-      run(0, s.n);
+    for_bunches(s.n, bunch_size(s, sizeof(scalar_t)), [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> scratch(inference_scratch(hi - lo, s.c, mlp.hidden, s.p()));
+      bunch_inference<scalar_t, acc_t>(xp, rp, op, s, lo, hi, mlp, avg, max, in_a, in_b, wp, ks, bias, scale, shift,
+                                       stream, scratch.data());
+    });
   });
   return out;
 }
@@ -1747,12 +1693,12 @@ Tensor input_grad(const Tensor& dout, const Tensor& pos_mul, const Tensor& pos_a
 }
 
 // Sets the tuning values (values <= 0 keep the current one) and returns the previous (col_block, task_elems,
-// group_bytes, stream_bytes).
-std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t group_bytes, int64_t stream_bytes) {
-  std::vector<int64_t> previous{kColBlock, kTaskElems, kGroupBytes, kStreamBytes};
+// bunch_bytes, stream_bytes).
+std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t bunch_bytes, int64_t stream_bytes) {
+  std::vector<int64_t> previous{kColBlock, kTaskElems, kBunchBytes, kStreamBytes};
   if (col_block > 0) kColBlock = col_block;
   if (task_elems > 0) kTaskElems = task_elems;
-  if (group_bytes > 0) kGroupBytes = group_bytes;
+  if (bunch_bytes > 0) kBunchBytes = bunch_bytes;
   if (stream_bytes > 0) kStreamBytes = stream_bytes;
   return previous;
 }
@@ -1760,7 +1706,7 @@ std::vector<int64_t> configure(int64_t col_block, int64_t task_elems, int64_t gr
 }  // namespace
 
 TORCH_LIBRARY(cbam_cpu, m) {
-  m.def("configure(int col_block, int task_elems, int group_bytes, int stream_bytes) -> int[]", &configure);
+  m.def("configure(int col_block, int task_elems, int bunch_bytes, int stream_bytes) -> int[]", &configure);
   const std::vector<at::Tag> any_layout{at::Tag::flexible_layout};
   m.def(
       "pools_and_channel_gate(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
