@@ -4,14 +4,14 @@ Composed of PyTorch operators, CBAM's full-size work costs many passes over memo
 reductions over channels of an NCHW map stride across all channels at once (measured: 2.2 copies' time for the pair
 of pools that ideally cost half a copy). These kernels do each full-size pass once, at memory speed:
 
-* forward: for a group of samples that fits in the cache, the channel pools (sum, max, first arg-max over H x W),
-  the channel gate and the spatial pools of ``x * gc`` (sum, max, first arg-max over C, the product never stored);
-  the k x k convolution of the two maps; then ``out = (x * gc) * gs`` in one pass (``relu(out + residual)`` when
-  the module ends a residual block). Without gradients and batch statistics, all of it is one operator that
-  takes each thread's samples one or a few at a time, end to end while they are in the cache, the channel gates
-  of those few from one read of the MLP's weights (by dot products in a fixed order, so a sample's result does
-  not depend on its companions or on the thread count), starting from the last sample (the part of the map its
-  producer wrote last, the likeliest still in the cache);
+* forward: each thread takes its samples a bunch (about 2 MB) at a time, from the last one (the part of the map
+  its producer wrote last, the likeliest still in the cache), and runs the bunch's passes back to back while it
+  is in the cache: the channel pools (sum, max, first arg-max over H x W), the channel gates (the MLP's weights
+  read once per bunch, by dot products in a fixed order, so a sample's result depends neither on its companions
+  nor on the thread count) and the spatial pools of ``x * gc`` (sum, max, first arg-max over C, the product never
+  stored); then the k x k convolution of the two maps; then ``out = (x * gc) * gs`` in one pass
+  (``relu(out + residual)`` when the module ends a residual block). Without gradients and batch statistics, all
+  of it is one operator, a bunch's output written right after its spatial pools;
 * backward: ``sum_c dout * x * gc`` and ``sum_hw dout * x * gs`` from one read of ``dout`` and ``x``, the spatial
   maps' terms of the channel gate's gradient from one more read of ``x``, and ``dx`` written once (the max pools'
   gradients, each to its first arg-max element, inside that pass).
