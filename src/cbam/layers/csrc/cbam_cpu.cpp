@@ -960,15 +960,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
                             need_idx ? idx_c.mutable_data_ptr<int32_t>() : nullptr,
                             spatial && need_idx ? idx_s.mutable_data_ptr<int32_t>() : nullptr};
     const int64_t bunch = bunch_size(s, sizeof(scalar_t));
-    with_flags(need_idx, false, [&](auto arg, auto) {
+    auto run = [&](auto arg) {  // arg-max tracking as a compile-time flag
       constexpr bool ARG = decltype(arg)::value;
       for_bunches(N, bunch, [&](int64_t lo, int64_t hi) {
-        std::vector<acc_t> scratch(gates_scratch(hi - lo, C, Hd) + 2 * C);
+        const int64_t gates = gates_scratch(hi - lo, C, Hd);
+        std::vector<acc_t> scratch(gates + 2 * C);
         bunch_gates<scalar_t, acc_t, ARG>(xp, s, lo, hi, mlp, avg, max, in_a, in_b, o, scratch.data());
         for (int64_t n = lo; spatial && n < hi; ++n)  // in order: the first is the one pooled last
-          sample_spatial_pools<scalar_t, acc_t, ARG>(xp, s, n, in_a, in_b, o, scratch.data() + gates_scratch(hi - lo, C, Hd));
+          sample_spatial_pools<scalar_t, acc_t, ARG>(xp, s, n, in_a, in_b, o, scratch.data() + gates);
       });
-    });
+    };
+    if (need_idx)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
   });
   return {pooled, hpre, gc, maps, idx_c, idx_s};
 }
