@@ -49,9 +49,11 @@ def test_unknown_model_names_close_matches():
 
 
 def test_attention_kwargs_without_attention_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"reduction are attention options but attention is None") as info:
+    with pytest.raises(ValueError, match=r"reduction is an attention option but attention is None") as info:
         create_model("resnet18", reduction=8)
     assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"implementation, reduction are attention options but attention is None"):
+        create_model("resnet18", reduction=8, implementation="fused")
 
 
 def test_unknown_keyword_names_both_option_sets():

@@ -133,7 +133,8 @@ def create_model(
         if attn == "none":
             options = ", ".join(sorted(model_names))
             raise UsageError(
-                f"create_model({name!r}): {', '.join(sorted(attn_kw))} are attention options but attention "
+                f"create_model({name!r}): {', '.join(sorted(attn_kw))} "
+                f"{'is an attention option' if len(attn_kw) == 1 else 'are attention options'} but attention "
                 f"is None; pass attention='cbam', 'se' or 'bam' (network options: {options})"
             )
         unknown = sorted(set(attn_kw) - accepted) if accepted is not None else []
