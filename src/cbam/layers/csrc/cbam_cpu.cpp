@@ -806,6 +806,13 @@ MapShape map_shape(const Tensor& x, const char* what = "x") {
   return {cl || x.is_contiguous() ? x : x.contiguous(), x.size(0), x.size(1), x.size(2), x.size(3), cl};
 }
 
+// A folded BatchNorm's affine times a channel gate into coef (2C): scale * gc, then shift * gc (x * gc read as one
+// affine of the tensor read, by the spatial pools and the output pass).
+template <typename acc_t>
+void gated_affine(const acc_t* in_a, const acc_t* in_b, const acc_t* gc, int64_t C, acc_t* coef) {
+  for (int64_t c = 0; c < C; ++c) coef[c] = in_a[c] * gc[c], coef[C + c] = in_b[c] * gc[c];
+}
+
 // Where the pools of samples go: batch arrays, or scratch for a bunch (sample n at row n - first).
 template <typename acc_t>
 struct PoolsOut {
@@ -859,7 +866,7 @@ void bunch_gates(const scalar_t* x, const MapShape& s, int64_t lo, int64_t hi, c
 }
 
 // The spatial pools of sample n (channel mean and max of x * gc, over C, into o.maps) and their arg-max channels.
-// coef (2C) is scratch.
+// With a folded BatchNorm, coef (2C) is left holding its gated affine (gated_affine).
 template <typename scalar_t, typename acc_t, bool ARG>
 void sample_spatial_pools(const scalar_t* x, const MapShape& s, int64_t n, const acc_t* in_a, const acc_t* in_b,
                           const PoolsOut<acc_t>& o, acc_t* coef) {
@@ -874,12 +881,11 @@ void sample_spatial_pools(const scalar_t* x, const MapShape& s, int64_t n, const
     else
       sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowScale<acc_t>{gci}, R, K, s_sum, s_max, is);
   } else {
-    acc_t *ca = coef, *cb = coef + C;
-    for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
+    gated_affine(in_a, in_b, gci, C, coef);
     if (s.cl)
-      sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+      sample_pool_rows<scalar_t, acc_t, ARG>(xs, ColAffine<acc_t>{coef, coef + C}, R, K, s_sum, s_max, is);
     else
-      sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{ca, cb}, R, K, s_sum, s_max, is);
+      sample_pool_cols<scalar_t, acc_t, ARG>(xs, RowAffine<acc_t>{coef, coef + C}, R, K, s_sum, s_max, is);
   }
   for (int64_t p = 0; p < P; ++p) s_sum[p] /= static_cast<acc_t>(C);
 }
@@ -1008,14 +1014,12 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, cons
     } else {
       std::fill(gsi, gsi + P, acc_t(1));
     }
-    acc_t *ca = coef, *cb = coef + C;  // with a folded BatchNorm, its affine times the gate (x * gc, read as such)
-    if (in_a)
-      for (int64_t c = 0; c < C; ++c) ca[c] = in_a[c] * gci[c], cb[c] = in_b[c] * gci[c];
+    if (in_a && !conv_w) gated_affine(in_a, in_b, gci, C, coef);  // (the spatial pools left it there)
     const int64_t base = (lo + i) * S;
     const scalar_t* rs = res ? res + base : nullptr;
     for_range(R, K, [&](int64_t r) {
-      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, rs, in_a ? ca : nullptr, in_a ? cb : nullptr, out + base,
-                    stream);
+      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, rs, in_a ? coef : nullptr, in_a ? coef + C : nullptr,
+                    out + base, stream);
     });
   }
 }
@@ -1087,9 +1091,7 @@ Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::o
     const bool stream = stream_output(out);
     const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
     std::vector<acc_t> coef(in_a ? s.n * 2 * C : 0);  // (N, 2, C): a folded BatchNorm's affine times the gate
-    for (int64_t n = 0; in_a && n < s.n; ++n)
-      for (int64_t c = 0; c < C; ++c)
-        coef[n * 2 * C + c] = in_a[c] * cp[n * C + c], coef[n * 2 * C + C + c] = in_b[c] * cp[n * C + c];
+    for (int64_t n = 0; in_a && n < s.n; ++n) gated_affine(in_a, in_b, cp + n * C, C, coef.data() + n * 2 * C);
     for_range(s.n * R, K, [&](int64_t i) {
       const int64_t n = i / R, r = i % R;
       const scalar_t* rs = rp ? rp + n * S : nullptr;
