@@ -137,19 +137,19 @@ def test_input_grad_rejects_an_out_of_range_arg_max():
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("pool_types", [("avg", "max"), ("avg",), ("max",)])
-def test_inference_does_not_depend_on_how_samples_are_bunched(fmt, pool_types):
-    """Inference computes each sample's channel gate by dot products in a fixed order, whether one sample or a few
-    share a read of the MLP's weights: one sample per bunch and the whole batch in one give the same bits."""
-    m = CBAM(40, pool_types=pool_types).eval()
+@pytest.mark.parametrize("mode", ["eval", "train-grad"])
+def test_results_do_not_depend_on_how_samples_are_bunched(fmt, pool_types, mode):
+    """Each sample's channel gate is dot products in a fixed order, whether one sample or a few share a read of the
+    MLP's weights: one sample per bunch and the whole batch in one give the same bits (outputs and gradients)."""
+    m = _module(40, pool_types=pool_types).train(mode != "eval")
     x = torch.randn(7, 40, 9, 11).contiguous(memory_format=fmt)
-    outs = []
+    runs = []
     for bunch_bytes in (1, 1 << 40):
         previous = torch.ops.cbam_cpu.configure(0, 0, bunch_bytes, 0)
         try:
-            with torch.no_grad():
-                outs.append(cbam_fused(m, x))
+            runs.append(_outputs(copy.deepcopy(m), x, fused=True, grad=mode != "eval"))
         finally:
             torch.ops.cbam_cpu.configure(*previous)
-    assert torch.equal(outs[0], outs[1])
-    with torch.no_grad():
-        torch.testing.assert_close(outs[0], m.forward_reference(x), rtol=1e-5, atol=1e-6)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    _assert_close(runs[0], _outputs(copy.deepcopy(m), x, fused=False, grad=mode != "eval"))
