@@ -74,10 +74,14 @@ def test_every_split_and_bunch_boundary(fmt, training, grad, shape):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_results_do_not_depend_on_the_thread_count(fmt):
+@pytest.mark.parametrize("batch", [9, 1])
+def test_results_do_not_depend_on_the_thread_count(fmt, batch):
+    """Nine samples: threads take whole samples. One sample: its passes, and its MLP's rows (small tasks forced),
+    are split across the threads."""
     m = _module(48)
-    x = torch.randn(9, 48, 12, 10).contiguous(memory_format=fmt)
+    x = torch.randn(batch, 48, 12, 10).contiguous(memory_format=fmt)
     threads = torch.get_num_threads()
+    previous = torch.ops.cbam_cpu.configure(0, 16 if batch == 1 else 0, 0, 0)
     runs = []
     try:
         for n in (1, 3):
@@ -87,6 +91,7 @@ def test_results_do_not_depend_on_the_thread_count(fmt):
                 runs[-1].append(cbam_fused(copy.deepcopy(m).eval(), x))
     finally:
         torch.set_num_threads(threads)
+        torch.ops.cbam_cpu.configure(*previous)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 

@@ -622,41 +622,50 @@ struct Mlp {
 
 // Channel gates of B samples by dot products, gc[i] = sigmoid(sum_p fc2(relu(fc1(pooled[i][p])))), each weight row
 // read once for all of them and each sum in a fixed order, so a sample's gate does not depend on which samples
-// share the call (each thread calls it for a few samples; a library matrix product for a few samples packed the
-// weights on every call, measured a third of the module's time at 7 x 7). pooled[i * n_pools + p] is sample i's
+// share the call or on how the rows are split across threads (each thread calls it for its own few samples, or,
+// outside a parallel region, the rows are split; a library matrix product for a few samples packed the weights on
+// every call, measured a third of the module's time at 7 x 7). pooled[i * n_pools + p] is sample i's
 // pool p (C), hpre (null or like pooled) receives fc1's pre-activations (hidden), gc[i] sample i's gate (C); act
 // (B, hidden) is scratch.
 template <typename acc_t>
 void bunch_mlp(const Mlp<acc_t>& mlp, int64_t B, int n_pools, const acc_t* const* pooled, acc_t* const* hpre,
                acc_t* act, acc_t* const* gc) {
   const int64_t C = mlp.channels, Hd = mlp.hidden, V = B * n_pools;
-  std::vector<acc_t> h(V);
   auto rows_dot = [](const acc_t* w, const acc_t* const* vecs, int64_t count, int64_t n, acc_t* out) {
     int64_t v = 0;
     for (; v + 2 <= count; v += 2) dots<2>(w, vecs + v, n, out + v);
     if (v < count) dots<1>(w, vecs + v, n, out + v);
   };
-  for (int64_t j = 0; j < Hd; ++j) {
-    rows_dot(mlp.w1 + j * C, pooled, V, C, h.data());
-    const acc_t b = mlp.b1 ? mlp.b1[j] : acc_t(0);
-    for (int64_t i = 0; i < B; ++i) {
-      acc_t a = 0;
-      for (int p = 0; p < n_pools; ++p) {
-        const acc_t hp = h[i * n_pools + p] + b;
-        if (hpre) hpre[i * n_pools + p][j] = hp;
-        a += hp < 0 ? acc_t(0) : hp;  // relu; a nan stays nan
+  // rows split across threads when the caller is not already running in parallel (every row on its own: the
+  // result does not depend on the split)
+  const int64_t rows_per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, V * C));
+  at::parallel_for(0, Hd, rows_per_task, [&](int64_t j0, int64_t j1) {
+    std::vector<acc_t> h(V);
+    for (int64_t j = j0; j < j1; ++j) {
+      rows_dot(mlp.w1 + j * C, pooled, V, C, h.data());
+      const acc_t b = mlp.b1 ? mlp.b1[j] : acc_t(0);
+      for (int64_t i = 0; i < B; ++i) {
+        acc_t a = 0;
+        for (int p = 0; p < n_pools; ++p) {
+          const acc_t hp = h[i * n_pools + p] + b;
+          if (hpre) hpre[i * n_pools + p][j] = hp;
+          a += hp < 0 ? acc_t(0) : hp;  // relu; a nan stays nan
+        }
+        act[i * Hd + j] = a;  // fc2 is linear: fc2 of the summed activations, plus n_pools biases
       }
-      act[i * Hd + j] = a;  // fc2 is linear: fc2 of the summed activations, plus n_pools biases
     }
-  }
+  });
   std::vector<const acc_t*> acts(B);
   for (int64_t i = 0; i < B; ++i) acts[i] = act + i * Hd;
-  std::vector<acc_t> g(B);
-  for (int64_t c = 0; c < C; ++c) {
-    rows_dot(mlp.w2 + c * Hd, acts.data(), B, Hd, g.data());
-    const acc_t b = mlp.b2 ? static_cast<acc_t>(n_pools) * mlp.b2[c] : acc_t(0);
-    for (int64_t i = 0; i < B; ++i) gc[i][c] = sigmoid(g[i] + b);
-  }
+  const int64_t channels_per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, B * Hd));
+  at::parallel_for(0, C, channels_per_task, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> g(B);
+    for (int64_t c = c0; c < c1; ++c) {
+      rows_dot(mlp.w2 + c * Hd, acts.data(), B, Hd, g.data());
+      const acc_t b = mlp.b2 ? static_cast<acc_t>(n_pools) * mlp.b2[c] : acc_t(0);
+      for (int64_t i = 0; i < B; ++i) gc[i][c] = sigmoid(g[i] + b);
+    }
+  });
 }
 
 // Zero-bordered copy of `maps` (m, H, W) for a k x k 'same' correlation: rows padded to whole groups of four
