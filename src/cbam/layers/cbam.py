@@ -363,21 +363,28 @@ class CBAM(nn.Module):
         return self.forward_reference(x)
 
     def residual_relu(
-        self, x: torch.Tensor, shortcut: torch.Tensor, norm: nn.Module | None = None
+        self,
+        x: torch.Tensor,
+        shortcut: torch.Tensor,
+        norm: nn.Module | None = None,
+        shortcut_norm: nn.Module | None = None,
     ) -> torch.Tensor:
-        """``relu(self(norm(x)) + shortcut)``: the end of a residual block whose residual branch ends with ``norm``
-        (optional, usually the block's last BatchNorm) and this module.
+        """``relu(self(norm(x)) + shortcut_norm(shortcut))``: the end of a residual block whose residual branch ends
+        with ``norm`` (optional, usually the block's last BatchNorm) and this module, and whose shortcut ends with
+        ``shortcut_norm`` (optional, the BatchNorm of a downsampling shortcut).
 
         With ``fuse_residual`` the fused path takes all of it: on the CPU kernels the BatchNorm is applied while the
-        kernels read ``x`` (:func:`~cbam.layers.cbam_fused.norm_folds` says when), and the block's output is written
-        in the module's own output pass (for a shortcut of x's shape and dtype). Otherwise ``norm``, the module, the
-        addition and the ReLU run one after the other. Forward hooks on this module (or on ``norm``) see their
-        module's own output either way: while any is registered, the module runs on its own."""
+        kernels read ``x`` (:func:`~cbam.layers.cbam_fused.norm_folds` says when), the shortcut's BatchNorm at
+        inference while the output pass reads the shortcut, and the block's output is written in the module's own
+        output pass (for a shortcut of x's shape and dtype). Otherwise the BatchNorms, the module, the addition and the
+        ReLU run one after the other. Forward hooks on this module (or on either BatchNorm) see their module's own
+        output either way: while any is registered, the module runs on its own."""
         fits = shortcut.shape == x.shape and shortcut.dtype == x.dtype and shortcut.device == x.device
         if self.fuse_residual and fits and not _observed(self) and self._fused_serves(x):
             from .cbam_fused import cbam_fused
 
-            return cbam_fused(self, x, residual=shortcut, norm=norm)
+            return cbam_fused(self, x, residual=shortcut, norm=norm, residual_norm=shortcut_norm)
+        shortcut = shortcut if shortcut_norm is None else shortcut_norm(shortcut)
         return torch.relu(self(x if norm is None else norm(x)) + shortcut)
 
     def norm_forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

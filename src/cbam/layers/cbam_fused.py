@@ -129,7 +129,11 @@ def fused_supported(module: CBAM) -> str | None:
 # Entry point
 # --------------------------------------------------------------------------------------------------
 def cbam_fused(
-    module: CBAM, x: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.Module | None = None
+    module: CBAM,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    norm: nn.Module | None = None,
+    residual_norm: nn.Module | None = None,
 ) -> torch.Tensor:
     """Same result as module's reference forward (train and eval mode, incl. BN running-stat updates).
 
@@ -137,7 +141,9 @@ def cbam_fused(
     taken into the output pass (the hand-written CPU kernels then write the block's output directly). With ``norm``
     (the BatchNorm in front of the module), ``module(norm(x))``: where :func:`norm_folds` allows, the kernels apply
     the normalisation while they read ``x`` (its statistics, running-statistics update and backward included), so
-    the normalised map is never written, read or kept; otherwise ``norm`` runs first."""
+    the normalised map is never written, read or kept; otherwise ``norm`` runs first. With ``residual_norm`` (the
+    BatchNorm of a downsampling shortcut), the residual is ``residual_norm(residual)``: at inference (running
+    statistics, no gradients) the output pass applies it as it reads the residual; otherwise it runs first."""
     name = type(module).__name__
     check_feature_map(name, x, module.channels)
     front = None  # the BatchNorm folded into the kernels
@@ -146,6 +152,16 @@ def cbam_fused(
             front = norm
         else:
             x = norm(x)
+    res_front = None  # the shortcut's BatchNorm, folded into the output pass
+    if residual_norm is not None:
+        if residual is None:
+            raise ValueError(f"{name}: residual_norm needs a residual")
+        tensors = (x, residual, *module.parameters(), *(() if norm is None else norm.parameters()))
+        tensors = (*tensors, *residual_norm.parameters())
+        if _shortcut_norm_folds(residual_norm, residual) and not _grad_needed(*tensors):
+            res_front = (*_norm_params(residual_norm), float(residual_norm.eps))
+        else:
+            residual = residual_norm(residual)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(
             f"{name}: the residual must match the input's shape, dtype and device; expected {tuple(x.shape)} "
@@ -180,24 +196,47 @@ def cbam_fused(
         None if sp_norm is None else sp_norm.bias,
     )
     stats = (sp_norm.running_mean, sp_norm.running_var) if bn == "running" else (None, None)
-    return _apply(x, residual, params, stats, cfg, sp_norm, bn, front)
+    return _apply(x, residual, params, stats, cfg, sp_norm, bn, front, res_front)
 
 
-def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None):
+def _grad_needed(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _norm_params(norm: nn.BatchNorm2d) -> tuple:
+    """(weight, bias, running mean, running variance) of a BatchNorm, any of them None where it has none."""
+    running = (None, None) if norm.training or norm.running_mean is None else (norm.running_mean, norm.running_var)
+    return (norm.weight, norm.bias, *running)
+
+
+def _shortcut_norm_folds(norm: nn.Module, residual: torch.Tensor) -> bool:
+    """True if ``norm`` (the BatchNorm on a shortcut) can be folded into the inference operator's output pass: a plain
+    ``nn.BatchNorm2d`` of the residual's channels normalising with its running statistics, not observed by hooks, on
+    a CPU input the hand-written kernels serve. (Gradients are checked by the caller.)"""
+    from .cbam import _observed
+
+    if type(norm) is not nn.BatchNorm2d or _observed(norm) or norm.training or norm.running_mean is None:
+        return False
+    return residual.dim() == 4 and norm.num_features == residual.shape[1] and fused_path(residual) == "native"
+
+
+def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None, res_front=None):
     """Runs the Function (or, without gradients, its forward) and updates the running statistics of the spatial
-    BatchNorm (``sp_norm``) and of the folded one in front (``front``) as BatchNorm would."""
+    BatchNorm (``sp_norm``) and of the folded one in front (``front``) as BatchNorm would. ``res_front`` (weight,
+    bias, running mean, running variance, eps of the shortcut's BatchNorm) comes only without gradients."""
     pre = (None,) * 4
     if front is not None:
         batch = front.training or front.running_mean is None
         cfg = cfg._replace(pre="batch" if batch else "running", pre_eps=float(front.eps))
-        running = (None, None) if batch else (front.running_mean, front.running_var)
-        pre = (front.weight, front.bias, *running)
+        pre = _norm_params(front)
     inputs = (x, residual, *params)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *pre)):
+    if _grad_needed(*inputs, *pre):
         out, mean, var, pre_mean, pre_var = _CBAMFunction.apply(*inputs, *stats, *pre, cfg)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            out, mean, var, pre_mean, pre_var, _, _ = _forward(*inputs, *stats, *pre, cfg, need_backward=False)
+            out, mean, var, pre_mean, pre_var, _, _ = _forward(
+                *inputs, *stats, *pre, cfg, need_backward=False, res_front=res_front
+            )
     if bn == "batch":
         _update_running_stats(sp_norm, mean, var)
     if cfg.pre == "batch" and front.training and front.track_running_stats and front.running_mean is not None:
@@ -260,10 +299,21 @@ class _CBAMFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grads = _backward(dout, x, w1, w2, wc, gamma, saved, ctx.cfg, ctx.has_bias, needs, ctx.path, pre_w)
         d_pre = grads[9:] if len(grads) > 9 else [None, None]
-        d_pre = [_cast(g, ctx.pre_dtype) if g is not None and ctx.needs_input_grad[12 + i] else None
-                 for i, g in enumerate(d_pre)]
-        return (grads[0], d_residual if ctx.needs_input_grad[1] else None, *grads[1:9], None, None, *d_pre,
-                None, None, None)
+        d_pre = [
+            _cast(g, ctx.pre_dtype) if g is not None and ctx.needs_input_grad[12 + i] else None
+            for i, g in enumerate(d_pre)
+        ]
+        return (
+            grads[0],
+            d_residual if ctx.needs_input_grad[1] else None,
+            *grads[1:9],
+            None,
+            None,
+            *d_pre,
+            None,
+            None,
+            None,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,31 +436,56 @@ def _(d, maps, weight):
 
 
 def _forward(
-    x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv, cfg, need_backward
+    x,
+    residual,
+    w1,
+    b1,
+    w2,
+    b2,
+    wc,
+    bc,
+    gamma,
+    beta,
+    rmean,
+    rvar,
+    pre_w,
+    pre_b,
+    pre_rm,
+    pre_rv,
+    cfg,
+    need_backward,
+    res_front=None,
 ):
     """Returns out, batch mean and unbiased batch variance of the spatial BatchNorm and of the folded one in front
     (empty unless 'batch'), the tensors to save and the path.
 
     With a residual, out is relu(cbam(x) + residual) (the native kernels write it in their output pass); with a folded
-    BatchNorm in front (cfg.pre, native path only), x is that BatchNorm's input."""
+    BatchNorm in front (cfg.pre, native path only), x is that BatchNorm's input; with ``res_front`` (native path, no
+    backward), the residual is the input of the shortcut's BatchNorm."""
     cd = _compute_dtype(x)
     w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv = (
         _cast(t, cd) for t in (w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv)
     )
+    if res_front is not None:
+        res_front = (*(_cast(t, cd) for t in res_front[:4]), res_front[4])
     small = (wc, bc, gamma, beta, rmean, rvar)
     path = fused_path(x)
     if path == "native":
         from . import fused_cpu
 
         front = (pre_w, pre_b, pre_rm, pre_rv)
-        out, saved, pre_stats = fused_cpu.forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front)
+        out, saved, pre_stats = fused_cpu.forward(
+            x, residual, w1, b1, w2, b2, small, cfg, need_backward, front, res_front
+        )
         pre_mean, pre_var = (x.new_empty(0, dtype=cd), x.new_empty(0, dtype=cd)) if pre_stats is None else pre_stats
         if saved is None:  # one operator did everything, nothing is kept
             empty = x.new_empty(0, dtype=cd)
             return out, empty, empty.clone(), pre_mean, pre_var, None, path
     else:
-        if cfg.pre != "none":
-            raise RuntimeError("cbam_fused: a BatchNorm in front is folded only into the CPU kernels")
+        if cfg.pre != "none" or res_front is not None:
+            raise RuntimeError(
+                "cbam_fused: a BatchNorm in front or on the shortcut is folded only into the CPU kernels"
+            )
         pre_mean, pre_var = x.new_empty(0, dtype=cd), x.new_empty(0, dtype=cd)
         if path == "traced":
             out, saved = _forward_traced(x, w1, b1, w2, b2, small, cfg)
@@ -599,9 +674,7 @@ def _forward_eager(x, w1, b1, w2, b2, small, cfg, need_idx):
                 idx_s[g0 + b0 : g0 + b1_, p0:p1] = idx
         if pipelined:
             maps_g = (savg[g0:g1], smax[g0:g1])
-            gs_g, *rest = _spatial_forward(
-                _stack_maps(*maps_g, (g1 - g0, h, w)), wc, bc, gamma, beta, rmean, rvar, cfg
-            )
+            gs_g, *rest = _spatial_forward(_stack_maps(*maps_g, (g1 - g0, h, w)), wc, bc, gamma, beta, rmean, rvar, cfg)
             gs_parts.append(gs_g)
             rest_parts.append(rest)
             for b0, b1_, c0, c1, p0, p1 in _blocks(g1 - g0, c, hw, _BLOCK_ELEMS, split):

@@ -20,6 +20,8 @@ With a BatchNorm in front of the module (a ResNet block's last one, folded by ``
 kernels read the BatchNorm's input ``y`` and apply ``y * scale + shift`` as they go: its batch statistics take one
 read of ``y`` (``channel_stats``), and its backward rides on the three backward passes (``affine_cross_sums``
 gives the per-channel sums it needs; ``input_grad`` adds its batch-statistics term), see ``_backward_folded``.
+At inference, the BatchNorm of a downsampling block's shortcut (``cbam_fused(..., residual_norm=bn)``) is folded
+the same way into the output pass's read of the residual, so the block's shortcut is never normalised on its own.
 
 The small parts (MLP backward, BatchNorm of the spatial logits, sigmoids) stay PyTorch operators. The kernels are
 compiled on first use with :func:`torch.utils.cpp_extension.load` (about 30 s once; cached by PyTorch in
@@ -48,8 +50,16 @@ _SOURCE = Path(__file__).with_name("csrc") / "cbam_cpu.cpp"
 # Instruction sets by the level PyTorch detected, not -march=native: a build cached in a home directory shared by
 # machines of different generations must not use instructions another one lacks (each level is its own build).
 _ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-               "-mprefer-vector-width=512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mprefer-vector-width=512",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 
@@ -91,8 +101,10 @@ def _load() -> str | None:
                 _register_fakes()
                 elapsed = time.perf_counter() - start
                 if elapsed > 3:
-                    print(f"cbam: compiled the fused CPU kernels in {elapsed:.0f} s (cached for later runs)",
-                          file=sys.stderr)
+                    print(
+                        f"cbam: compiled the fused CPU kernels in {elapsed:.0f} s (cached for later runs)",
+                        file=sys.stderr,
+                    )
         _state["error"] = reason
         return reason
 
@@ -173,21 +185,39 @@ def _front_affine(y, front, cfg):
     return (scale, shift, center, invstd), stats
 
 
-def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None):
+def _residual_affine(res_front):
+    """The shortcut's BatchNorm (weight, bias, running mean, running variance, eps) as residual * scale + shift, as
+    BatchNorm computes it at inference."""
+    weight, bias, mean, var, eps = res_front
+    scale = torch.rsqrt(var + eps)
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
+
+
+def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, res_front=None):
     """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all), plus
     the batch statistics of a folded BatchNorm in front (None without one); with a residual, out is
-    relu(cbam(x) + residual). With cfg.pre, x is the input of that BatchNorm, which the kernels apply as they read."""
+    relu(cbam(x) + residual). With cfg.pre, x is the input of that BatchNorm, which the kernels apply as they read.
+    With ``res_front`` (no backward: the running statistics of a BatchNorm on the shortcut, see
+    :func:`_residual_affine`), the residual is that BatchNorm's input, normalised by the output pass as it reads."""
     ops = torch.ops.cbam_cpu
     wc, bc, gamma, beta, rmean, rvar = small
     wc = None if wc is None else wc.contiguous()  # a model moved to channels-last makes the 4-D weight so
     x, residual = _dense(x), _dense(residual)
     n, c, h, w = x.shape
     affine, pre_stats, front_saved = (None, None), None, ()
+    res_affine = (None, None) if res_front is None else _residual_affine(res_front)
     if cfg.pre != "none":
         front_saved, pre_stats = _front_affine(x, front, cfg)
         affine = front_saved[:2]
     if not need_backward and cfg.bn != "batch":
-        return _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine), None, pre_stats
+        out = _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine, res_affine)
+        return out, None, pre_stats
+    if res_front is not None:  # only the single inference operator folds it
+        if need_backward:
+            raise RuntimeError("cbam_fused: a BatchNorm on the shortcut is folded only without gradients")
+        residual = _dense(residual * res_affine[0].view(1, -1, 1, 1) + res_affine[1].view(1, -1, 1, 1))
     pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(
         x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial, *affine, need_idx=need_backward
     )
@@ -202,7 +232,9 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None):
     return out, (gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, mean, var, *front_saved), pre_stats
 
 
-def _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine=(None, None)):
+def _inference(
+    x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine=(None, None), res_affine=(None, None)
+):
     """The whole module in one operator, sample by sample (no batch statistics, nothing kept)."""
     one = w1.new_ones(1)
     scale, shift = one, one * 0
@@ -210,7 +242,20 @@ def _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cf
         scale = torch.rsqrt(rvar + cfg.eps) * (one if gamma is None else gamma)
         shift = (one * 0 if beta is None else beta) - rmean * scale
     return torch.ops.cbam_cpu.forward_inference(
-        x, w1, b1, w2, b2, cfg.avg, cfg.max, wc if cfg.spatial else None, bc, scale, shift, residual, *affine
+        x,
+        w1,
+        b1,
+        w2,
+        b2,
+        cfg.avg,
+        cfg.max,
+        wc if cfg.spatial else None,
+        bc,
+        scale,
+        shift,
+        residual,
+        *affine,
+        *res_affine,
     )
 
 

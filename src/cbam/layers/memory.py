@@ -57,18 +57,46 @@ def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> to
     return fused(x, norm) if fused is not None else attn(norm(x))
 
 
-def residual_tail(norm: nn.Module, attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """``relu(attn(norm(x)) + shortcut)``, the end of a residual block.
+def split_shortcut(downsample: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
+    """A block's shortcut as (tensor, BatchNorm still to apply to it or None): a downsampling ``nn.Sequential`` ending
+    with a BatchNorm (torchvision's ``conv1x1, BatchNorm2d``) runs without its last module, which the fused CBAM can
+    then fold into its output pass (see :func:`residual_tail`). A shortcut whose modules are observed by hooks, or of
+    any other form, runs whole."""
+    from .cbam import _observed
 
-    An attention module with a ``residual_relu`` method (CBAM) performs the normalisation, the addition and the ReLU
-    itself: the fused CBAM folds the BatchNorm into its kernels' reads and writes the block's output in its output
-    pass. With ``attn.memory_efficient`` only ``attn(norm(x))`` is recomputed in backward and the addition and ReLU
-    follow it (recomputing them too would mean keeping the shortcut, which the plain network does not keep in a
-    downsampling block).
+    if downsample is None:
+        return x, None
+    if (
+        isinstance(downsample, nn.Sequential)
+        and len(downsample) > 1
+        and isinstance(downsample[-1], nn.BatchNorm2d)
+        and not any(_observed(m) for m in (downsample, downsample[-1]))
+    ):
+        for module in list(downsample)[:-1]:
+            x = module(x)
+        return x, downsample[-1]
+    return downsample(x), None
+
+
+def residual_tail(
+    norm: nn.Module,
+    attn: nn.Module,
+    x: torch.Tensor,
+    shortcut: torch.Tensor,
+    shortcut_norm: nn.Module | None = None,
+) -> torch.Tensor:
+    """``relu(attn(norm(x)) + shortcut_norm(shortcut))``, the end of a residual block (``shortcut_norm`` optional).
+
+    An attention module with a ``residual_relu`` method (CBAM) performs the normalisations, the addition and the ReLU
+    itself: the fused CBAM folds the BatchNorm into its kernels' reads, at inference the shortcut's BatchNorm into
+    its output pass, and writes the block's output in that pass. With ``attn.memory_efficient`` only
+    ``attn(norm(x))`` is recomputed in backward and the addition and ReLU follow it (recomputing them too would mean
+    keeping the shortcut, which the plain network does not keep in a downsampling block).
     """
+    fused = getattr(attn, "residual_relu", None)
+    if fused is not None and not _lean(attn, x):
+        return fused(x, shortcut, norm=norm, shortcut_norm=shortcut_norm)
+    shortcut = shortcut if shortcut_norm is None else shortcut_norm(shortcut)
     if _lean(attn, x):
         return torch.relu_(norm_then_attention(norm, attn, x) + shortcut)
-    fused = getattr(attn, "residual_relu", None)
-    if fused is not None:
-        return fused(x, shortcut, norm=norm)
     return torch.relu_(attn(norm(x)) + shortcut)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.memory import residual_tail
+from ..layers.memory import residual_tail, split_shortcut
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -66,9 +66,9 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut, shortcut_norm = split_shortcut(self.downsample, x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return residual_tail(self.bn2, self.attn, self.conv2(out), shortcut)
+        return residual_tail(self.bn2, self.attn, self.conv2(out), shortcut, shortcut_norm)
 
 
 class Bottleneck(nn.Module):
@@ -105,10 +105,10 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut, shortcut_norm = split_shortcut(self.downsample, x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return residual_tail(self.bn3, self.attn, self.conv3(out), shortcut)
+        return residual_tail(self.bn3, self.attn, self.conv3(out), shortcut, shortcut_norm)
 
 
 class ResNet(nn.Module):
@@ -261,13 +261,9 @@ def resnet152(*, attention: AttnArg = None, num_classes: int = 1000, **kwargs: A
 
 
 @register_model(model_cls=ResNet)
-def wide_resnet18(
-    *, attention: AttnArg = None, num_classes: int = 1000, widen: float = 1.5, **kwargs: Any
-) -> ResNet:
+def wide_resnet18(*, attention: AttnArg = None, num_classes: int = 1000, widen: float = 1.5, **kwargs: Any) -> ResNet:
     """The paper's WideResNet18: all four stages of ResNet-18 ``widen`` x wider (1.5: 25.88M; 2.0: 45.62M)."""
-    return _resnet(
-        BasicBlock, [2, 2, 2, 2], attention=attention, num_classes=num_classes, widen=widen, **kwargs
-    )
+    return _resnet(BasicBlock, [2, 2, 2, 2], attention=attention, num_classes=num_classes, widen=widen, **kwargs)
 
 
 @register_model(model_cls=ResNet)

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -721,17 +722,20 @@ void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, 
 }
 
 // out = (x * chan) * pos for one sample's rows; chan (the channel gate, multiplied first as in the reference) and
-// pos (the spatial gate) are row or column vectors depending on the layout. With RES, the tail of a residual block
-// is taken into the same pass: out = relu((x * chan) * pos + res). With AFF, the module's input is a folded
-// BatchNorm's affine map of the tensor read, and the channel gate comes inside it: out = (t * in_a[c] + in_b[c]) *
-// pos with in_a = scale * gc and in_b = shift * gc per channel (as the spatial pools read x * gc), chan unused.
-template <typename scalar_t, typename acc_t, bool RES, bool AFF>
+// pos (the spatial gate) are row or column vectors depending on the layout. With RES (1 or 2), the tail of a
+// residual block is taken into the same pass: out = relu((x * chan) * pos + res), and with RES = 2 the residual is
+// itself a folded BatchNorm's output, res * res_a[c] + res_b[c] (a downsampling block's shortcut). With AFF, the
+// module's input is a folded BatchNorm's affine map of the tensor read, and the channel gate comes inside it:
+// out = (t * in_a[c] + in_b[c]) * pos with in_a = scale * gc and in_b = shift * gc per channel (as the spatial
+// pools read x * gc), chan unused.
+template <typename scalar_t, typename acc_t, int RES, bool AFF>
 void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
-               int64_t K, const scalar_t* res, const acc_t* in_a, const acc_t* in_b, scalar_t* out, bool stream) {
+               int64_t K, const scalar_t* res, const acc_t* res_a, const acc_t* res_b, const acc_t* in_a,
+               const acc_t* in_b, scalar_t* out, bool stream) {
   using V = Vec<acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* __restrict__ xr = x + r * K;
-    const scalar_t* __restrict__ rr = RES ? res + r * K : nullptr;
+    const scalar_t* __restrict__ rr = RES > 0 ? res + r * K : nullptr;
     scalar_t* __restrict__ orow = out + r * K;
     // per row: a the row's scalar factor (channel gate of NCHW row c, spatial gate of channels-last row p; 1 for
     // an NCHW row with AFF) and v the column vector (null for a channels-last row with AFF); the reference's
@@ -739,6 +743,7 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
     const acc_t a = chan_is_row ? (AFF ? acc_t(1) : chan[r]) : pos[r];
     const acc_t* __restrict__ v = chan_is_row ? pos : chan;
     const acc_t ra = AFF && chan_is_row ? in_a[r] : acc_t(1), rb = AFF && chan_is_row ? in_b[r] : acc_t(0);
+    const acc_t sa = RES == 2 && chan_is_row ? res_a[r] : acc_t(1), sb = RES == 2 && chan_is_row ? res_b[r] : acc_t(0);
     auto one = [&](int64_t k) {
       const acc_t t = static_cast<acc_t>(xr[k]);
       acc_t y;
@@ -746,8 +751,10 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
         y = chan_is_row ? (t * ra + rb) * v[k] : (t * in_a[k] + in_b[k]) * a;
       else
         y = chan_is_row ? t * a * v[k] : t * v[k] * a;
-      if constexpr (RES) {
-        y += static_cast<acc_t>(rr[k]);
+      if constexpr (RES > 0) {
+        acc_t t2 = static_cast<acc_t>(rr[k]);
+        if constexpr (RES == 2) t2 = chan_is_row ? t2 * sa + sb : t2 * res_a[k] + res_b[k];
+        y += t2;
         y = y < 0 ? acc_t(0) : y;  // a nan stays nan, as with torch.relu
       }
       return static_cast<scalar_t>(y);
@@ -766,8 +773,11 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
                             : (t * vload<acc_t>(in_a + k) + vload<acc_t>(in_b + k)) * a;
           else
             y = chan_is_row ? t * a * vload<acc_t>(v + k) : t * vload<acc_t>(v + k) * a;
-          if constexpr (RES) {
-            y += vload<acc_t>(rr + k);
+          if constexpr (RES > 0) {
+            V t2 = vload<acc_t>(rr + k);
+            if constexpr (RES == 2)
+              t2 = chan_is_row ? t2 * sa + sb : t2 * vload<acc_t>(res_a + k) + vload<acc_t>(res_b + k);
+            y += t2;
             y = y < 0 ? V{} : y;
           }
           return y;
@@ -776,12 +786,19 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
   }
 }
 
+// gate_rows for whichever of res, res_a (with res_b) and in_a (with in_b) are given (not null).
 template <typename scalar_t, typename acc_t>
 void gate_rows_any(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
-                   int64_t K, const scalar_t* res, const acc_t* in_a, const acc_t* in_b, scalar_t* out, bool stream) {
+                   int64_t K, const scalar_t* res, const acc_t* res_a, const acc_t* res_b, const acc_t* in_a,
+                   const acc_t* in_b, scalar_t* out, bool stream) {
   with_flags(res != nullptr, in_a != nullptr, [&](auto has_res, auto has_aff) {
-    gate_rows<scalar_t, acc_t, decltype(has_res)::value, decltype(has_aff)::value>(x, chan, pos, chan_is_row, r0, r1,
-                                                                                   K, res, in_a, in_b, out, stream);
+    constexpr bool AFF = decltype(has_aff)::value;
+    if (decltype(has_res)::value && res_a)
+      gate_rows<scalar_t, acc_t, 2, AFF>(x, chan, pos, chan_is_row, r0, r1, K, res, res_a, res_b, in_a, in_b, out,
+                                         stream);
+    else
+      gate_rows<scalar_t, acc_t, decltype(has_res)::value ? 1 : 0, AFF>(x, chan, pos, chan_is_row, r0, r1, K, res,
+                                                                        nullptr, nullptr, in_a, in_b, out, stream);
   });
 }
 
@@ -918,13 +935,14 @@ void for_bunches(int64_t n, int64_t bunch, const F& fn) {
     run(0, n);
 }
 
-// The optional input affine (scale, shift) of a folded BatchNorm: both or neither, (C,) in the compute dtype.
+// The optional affine (scale, shift) of a folded BatchNorm ("input": in front of the module; "residual": on the
+// shortcut): both or neither, (C,) in the compute dtype.
 std::pair<const void*, const void*> input_affine(const std::optional<Tensor>& scale, const std::optional<Tensor>& shift,
-                                                 const Tensor& x3, int64_t C) {
-  TORCH_CHECK(given(scale) == given(shift), "cbam_cpu: the input scale and shift come together");
+                                                 const Tensor& x3, int64_t C, const std::string& what = "input") {
+  TORCH_CHECK(given(scale) == given(shift), "cbam_cpu: the ", what, " scale and shift come together");
   if (!given(scale)) return {nullptr, nullptr};
-  check_acc(*scale, x3, {C}, "input scale");
-  check_acc(*shift, x3, {C}, "input shift");
+  check_acc(*scale, x3, {C}, (what + " scale").c_str());
+  check_acc(*shift, x3, {C}, (what + " shift").c_str());
   return {scale->const_data_ptr(), shift->const_data_ptr()};
 }
 
@@ -1004,8 +1022,9 @@ int64_t inference_scratch(int64_t B, int64_t C, int64_t hidden, int64_t P) {
 // (the caller runs samples in parallel) every pass runs on the calling thread; otherwise each pass splits the
 // sample's rows. Either way the arithmetic, and so the result, is the same.
 template <typename scalar_t, typename acc_t>
-void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, const MapShape& s, int64_t lo, int64_t hi,
-                     const Mlp<acc_t>& mlp, bool avg, bool max, const acc_t* in_a, const acc_t* in_b,
+void bunch_inference(const scalar_t* x, const scalar_t* res, const acc_t* res_a, const acc_t* res_b, scalar_t* out,
+                     const MapShape& s, int64_t lo, int64_t hi, const Mlp<acc_t>& mlp, bool avg, bool max,
+                     const acc_t* in_a, const acc_t* in_b,
                      const acc_t* conv_w, int64_t ks, acc_t bias, acc_t scale, acc_t shift, bool stream,
                      acc_t* scratch) {
   const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), S = s.sample(), B = hi - lo;
@@ -1027,8 +1046,8 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, cons
     const int64_t base = (lo + i) * S;
     const scalar_t* rs = res ? res + base : nullptr;
     for_range(R, K, [&](int64_t r) {
-      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, rs, in_a ? coef : nullptr, in_a ? coef + C : nullptr,
-                    out + base, stream);
+      gate_rows_any(x + base, gci, gsi, !s.cl, r, r + 1, K, rs, res_a, res_b, in_a ? coef : nullptr,
+                    in_a ? coef + C : nullptr, out + base, stream);
     });
   }
 }
@@ -1038,26 +1057,32 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, scalar_t* out, cons
 // affine normalisation z * norm_scale + norm_shift (a folded BatchNorm; both 1-element tensors), sigmoid, and the
 // gated output. Without a convolution weight the channel gate alone is applied; with a residual,
 // relu(out + residual) is returned. With in_scale and in_shift (C,), the module's input is x * in_scale[c] +
-// in_shift[c] (a folded BatchNorm).
+// in_shift[c] (a folded BatchNorm); with res_scale and res_shift (C,), the residual is residual * res_scale[c] +
+// res_shift[c] (the folded BatchNorm of a downsampling shortcut).
 Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
                          const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
                          const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
                          const std::optional<Tensor>& residual, const std::optional<Tensor>& in_scale,
-                         const std::optional<Tensor>& in_shift) {
+                         const std::optional<Tensor>& in_shift, const std::optional<Tensor>& res_scale,
+                         const std::optional<Tensor>& res_shift) {
   const MapShape s = map_shape(x);
   const Tensor& x3 = s.t;
   const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
   TORCH_CHECK(avg || max, "cbam_cpu: at least one of the avg and max channel pools is needed");
   const bool spatial = given(conv_weight);
-  const int64_t ks = spatial ? conv_weight->size(-1) : 0;
+  // (the operator is layout-flexible, so under torch.compile a channels-last model's 4-D weight comes as it is)
+  const Tensor cw = spatial ? conv_weight->contiguous() : Tensor();
+  const int64_t ks = spatial ? cw.size(-1) : 0;
   if (spatial) {
-    check_acc(*conv_weight, x3, {1, 2, ks, ks}, "conv weight");
+    check_acc(cw, x3, {1, 2, ks, ks}, "conv weight");
     TORCH_CHECK(ks % 2 == 1, "cbam_cpu: the spatial kernel size must be odd, got ", ks);
     if (given(conv_bias)) check_acc(*conv_bias, x3, {1}, "conv bias");
   }
   check_acc(norm_scale, x3, {1}, "norm scale");
   check_acc(norm_shift, x3, {1}, "norm shift");
   const auto in_ab = input_affine(in_scale, in_shift, x3, s.c);
+  const auto res_ab = input_affine(res_scale, res_shift, x3, s.c, "residual");
+  TORCH_CHECK(res.defined() || !res_ab.first, "cbam_cpu: a residual scale and shift need a residual");
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1065,15 +1090,16 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
     const scalar_t* xp = x3.const_data_ptr<scalar_t>();
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const acc_t* wp = spatial ? conv_weight->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* wp = spatial ? cw.const_data_ptr<acc_t>() : nullptr;
     const acc_t bias = given(conv_bias) ? conv_bias->const_data_ptr<acc_t>()[0] : acc_t(0);
     const acc_t scale = norm_scale.const_data_ptr<acc_t>()[0], shift = norm_shift.const_data_ptr<acc_t>()[0];
     const bool stream = stream_output(out);
     const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
+    const acc_t *res_a = static_cast<const acc_t*>(res_ab.first), *res_b = static_cast<const acc_t*>(res_ab.second);
     for_bunches(s.n, bunch_size(s, sizeof(scalar_t)), [&](int64_t lo, int64_t hi) {
       std::vector<acc_t> scratch(inference_scratch(hi - lo, s.c, mlp.hidden, s.p()));
-      bunch_inference<scalar_t, acc_t>(xp, rp, op, s, lo, hi, mlp, avg, max, in_a, in_b, wp, ks, bias, scale, shift,
-                                       stream, scratch.data());
+      bunch_inference<scalar_t, acc_t>(xp, rp, res_a, res_b, op, s, lo, hi, mlp, avg, max, in_a, in_b, wp, ks, bias,
+                                       scale, shift, stream, scratch.data());
     });
   });
   return out;
@@ -1105,8 +1131,8 @@ Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::o
       const int64_t n = i / R, r = i % R;
       const scalar_t* rs = rp ? rp + n * S : nullptr;
       const acc_t* ca = in_a ? coef.data() + n * 2 * C : nullptr;
-      gate_rows_any(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rs, ca, in_a ? ca + C : nullptr,
-                    op + n * S, stream);
+      gate_rows_any<scalar_t, acc_t>(xp + n * S, cp + n * C, pp + n * P, !s.cl, r, r + 1, K, rs, nullptr, nullptr,
+                                     ca, in_a ? ca + C : nullptr, op + n * S, stream);
     });
   });
   return out;
@@ -1732,7 +1758,7 @@ TORCH_LIBRARY(cbam_cpu, m) {
   m.def(
       "forward_inference(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
       "Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, Tensor? residual, "
-      "Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
+      "Tensor? in_scale=None, Tensor? in_shift=None, Tensor? res_scale=None, Tensor? res_shift=None) -> Tensor",
       any_layout);
   m.def("gate(Tensor x, Tensor chan, Tensor pos, Tensor? residual, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
         any_layout);

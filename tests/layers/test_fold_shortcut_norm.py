@@ -1,0 +1,235 @@
+"""A downsampling shortcut's BatchNorm folded into the inference operator's output pass:
+``cbam_fused(m, y, s, norm=bn, residual_norm=sbn)`` computes ``relu(m(bn(y)) + sbn(s))`` without writing ``sbn(s)``
+at inference (running statistics, no gradients); anywhere else ``sbn`` runs on its own, with the same numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbam import CBAM, create_model
+from cbam.layers import cbam_fused as fused_module
+from cbam.layers import fused_cpu
+from cbam.layers.cbam_fused import cbam_fused
+from cbam.layers.memory import split_shortcut
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def native(monkeypatch):
+    assert fused_cpu.native_available(), fused_cpu.native_status()
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
+
+
+def _randomise(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """Weight, bias and running statistics far from BatchNorm's identity start."""
+    with torch.no_grad():
+        if norm.affine:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.3, 0.3)
+        norm.running_mean.uniform_(-0.4, 0.4)
+        norm.running_var.uniform_(0.3, 2.0)
+    return norm
+
+
+def _modules(channels: int, dtype=torch.float32, cbam_kwargs=None, **shortcut_kwargs):
+    torch.manual_seed(0)
+    m = CBAM(channels, reduction=4, **(cbam_kwargs or {})).to(dtype).eval()
+    bn = _randomise(nn.BatchNorm2d(channels)).to(dtype).eval()
+    sbn = _randomise(nn.BatchNorm2d(channels, **shortcut_kwargs)).to(dtype).eval()
+    return m, bn, sbn
+
+
+class _Calls:
+    """Counts the calls of a module's forward (without hooks, which would stop the fold)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.count, self.forward = 0, module.forward
+        module.forward = self
+
+    def __call__(self, *args):
+        self.count += 1
+        return self.forward(*args)
+
+
+CONFIGS = {"paper": {}, "channel-only": {"spatial": False}, "max-only": {"pool_types": ("max",)}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_folded_at_inference_matches_batchnorm_then_reference(dtype, fmt, config):
+    m, bn, sbn = _modules(24, dtype, CONFIGS[config])
+    calls = _Calls(sbn)
+    y = (torch.randn(5, 24, 7, 9, dtype=dtype) * 2 + 0.7).contiguous(memory_format=fmt)
+    s = (torch.randn(5, 24, 7, 9, dtype=dtype) - 0.3).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        got = cbam_fused(m, y, s, norm=bn, residual_norm=sbn)
+        assert calls.count == 0  # folded: the shortcut's BatchNorm never ran on its own
+        expected = torch.relu(m.forward_reference(bn(y)) + sbn(s))
+    assert got.is_contiguous(memory_format=fmt)
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, expected, rtol=rel, atol=rel * float(expected.abs().max()))
+
+
+def test_without_affine_parameters_and_in_bfloat16():
+    m, bn, sbn = _modules(16, affine=False)
+    y, s = torch.randn(4, 16, 6, 6), torch.randn(4, 16, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cbam_fused(m, y, s, norm=bn, residual_norm=sbn), torch.relu(m.forward_reference(bn(y)) + sbn(s))
+        )
+        m16, bn16, sbn16 = (copy.deepcopy(t).bfloat16() for t in (m, bn, sbn))
+        got = cbam_fused(m16, y.bfloat16(), s.bfloat16(), norm=bn16, residual_norm=sbn16)
+        exact = torch.relu(
+            m16.double().forward_reference(bn16.double()(y.bfloat16().double())) + sbn16.double()(s.bfloat16().double())
+        )
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=3e-2, atol=3e-2 * float(exact.abs().max()))
+
+
+def test_with_gradients_or_batch_statistics_the_batchnorm_runs_on_its_own():
+    """Training (batch statistics, running-statistics update) and gradients through an eval-mode module: the shortcut's
+    BatchNorm runs as a module, so its statistics and every gradient are BatchNorm's own."""
+    m, bn, sbn = _modules(12)
+    y, s, dout = torch.randn(3, 12, 5, 5), torch.randn(3, 12, 5, 5), torch.randn(3, 12, 5, 5)
+    for training in (True, False):
+        results = []
+        for folded in (True, False):
+            mm, bb, ss = (copy.deepcopy(t).train(training) for t in (m, bn, sbn))
+            calls = _Calls(ss)
+            yy, sv = y.clone().requires_grad_(), s.clone().requires_grad_()
+            if folded:
+                out = cbam_fused(mm, yy, sv, norm=bb, residual_norm=ss)
+                assert calls.count == 1
+            else:
+                out = torch.relu(mm.forward_reference(bb(yy)) + ss(sv))
+            out.backward(dout)
+            params = (*mm.parameters(), *bb.parameters(), *ss.parameters())
+            results.append([out, yy.grad, sv.grad, *(p.grad for p in params), *(b.clone() for b in ss.buffers())])
+        for got, expected in zip(*results, strict=True):
+            torch.testing.assert_close(
+                got, expected, rtol=1e-5, atol=1e-5 * float(expected.detach().abs().max()) + 1e-7
+            )
+
+
+def test_the_attentions_own_batch_statistics_still_fold_the_shortcut_correctly():
+    """No gradients, but the spatial BatchNorm in training (batch statistics): the module takes the multi-operator
+    path, which normalises the shortcut before its output pass."""
+    m, bn, sbn = _modules(8)
+    m.spatial.train()
+    ref = copy.deepcopy(m)
+    y, s = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        got = cbam_fused(m, y, s, norm=bn, residual_norm=sbn)
+        expected = torch.relu(ref.forward_reference(bn(y)) + sbn(s))
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(m.spatial.norm.running_mean, ref.spatial.norm.running_mean)
+
+
+def test_a_hooked_batchnorm_is_not_folded():
+    m, bn, sbn = _modules(8)
+    seen = []
+    handle = sbn.register_forward_hook(lambda mod, args, out: seen.append(out))
+    y, s = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        got = cbam_fused(m, y, s, norm=bn, residual_norm=sbn)
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], sbn(s))
+    torch.testing.assert_close(got, torch.relu(m.forward_reference(bn(y)) + seen[0]))
+
+
+def test_residual_norm_needs_a_residual_and_the_operator_checks_its_arguments():
+    m, bn, sbn = _modules(8)
+    y = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="residual_norm needs a residual"):
+        cbam_fused(m, y, norm=bn, residual_norm=sbn)
+    w1, w2, one = torch.randn(2, 8), torch.randn(8, 2), torch.ones(1)
+    with pytest.raises(RuntimeError, match="a residual scale and shift need a residual"):
+        torch.ops.cbam_cpu.forward_inference(
+            y,
+            w1,
+            None,
+            w2,
+            None,
+            True,
+            True,
+            None,
+            None,
+            one,
+            one * 0,
+            None,
+            res_scale=torch.ones(8),
+            res_shift=torch.zeros(8),
+        )
+    with pytest.raises(RuntimeError, match="the residual scale and shift come together"):
+        torch.ops.cbam_cpu.forward_inference(
+            y, w1, None, w2, None, True, True, None, None, one, one * 0, y, res_scale=torch.ones(8)
+        )
+    with pytest.raises(RuntimeError, match="residual shift"):
+        torch.ops.cbam_cpu.forward_inference(
+            y,
+            w1,
+            None,
+            w2,
+            None,
+            True,
+            True,
+            None,
+            None,
+            one,
+            one * 0,
+            y,
+            res_scale=torch.ones(8),
+            res_shift=torch.zeros(4),
+        )
+
+
+def test_split_shortcut():
+    """torchvision's downsampling shortcut (conv1x1, BatchNorm2d) runs without its BatchNorm, which is handed back; an
+    identity, another form, or modules observed by hooks run whole."""
+    x = torch.randn(2, 4, 6, 6)
+    conv, norm = nn.Conv2d(4, 8, 1, stride=2, bias=False), _randomise(nn.BatchNorm2d(8)).eval()
+    downsample = nn.Sequential(conv, norm)
+    assert split_shortcut(None, x) == (x, None)
+    out, left = split_shortcut(downsample, x)
+    assert left is norm
+    torch.testing.assert_close(out, conv(x))
+    for whole in (nn.Sequential(nn.Sequential(conv, norm)), conv):
+        out, left = split_shortcut(whole, x)
+        assert left is None
+        torch.testing.assert_close(out, whole(x))
+    for observed in (downsample, norm):
+        handle = observed.register_forward_hook(lambda *args: None)
+        out, left = split_shortcut(downsample, x)
+        handle.remove()
+        assert left is None
+        torch.testing.assert_close(out, downsample(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_networks_at_inference_give_the_same_numbers(name, fmt):
+    """Eval-mode ResNets with every BatchNorm's statistics moved away from the identity: the fused network (shortcut
+    BatchNorms folded) against the same weights with the tail left to the block, eager and compiled."""
+    torch.manual_seed(0)
+    fused = create_model(name, attention="cbam", num_classes=10).eval()
+    for module in fused.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            _randomise(module)
+    separate = create_model(name, attention="cbam", num_classes=10, fuse_residual=False).eval()
+    separate.load_state_dict(fused.state_dict())
+    fused, separate = fused.to(memory_format=fmt), separate.to(memory_format=fmt)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    norms = [b.downsample[-1] for b in fused.modules() if getattr(b, "downsample", None) is not None]
+    counters = [_Calls(n) for n in norms]
+    with torch.no_grad():
+        expected = separate(x)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        assert counters and all(c.count == 0 for c in counters)
+        torch.testing.assert_close(torch.compile(fused)(x), expected, rtol=1e-5, atol=1e-5)
