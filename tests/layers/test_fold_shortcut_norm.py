@@ -150,63 +150,36 @@ def test_residual_norm_needs_a_residual_and_the_operator_checks_its_arguments():
     with pytest.raises(ValueError, match="residual_norm needs a residual"):
         cbam_fused(m, y, norm=bn, residual_norm=sbn)
     w1, w2, one = torch.randn(2, 8), torch.randn(8, 2), torch.ones(1)
+
+    def call(residual, **res_affine):  # channel gate only, identity spatial normalisation
+        args = (y, w1, None, w2, None, True, True, None, None, one, one * 0, residual)
+        return torch.ops.cbam_cpu.forward_inference(*args, **res_affine)
+
     with pytest.raises(RuntimeError, match="a residual scale and shift need a residual"):
-        torch.ops.cbam_cpu.forward_inference(
-            y,
-            w1,
-            None,
-            w2,
-            None,
-            True,
-            True,
-            None,
-            None,
-            one,
-            one * 0,
-            None,
-            res_scale=torch.ones(8),
-            res_shift=torch.zeros(8),
-        )
+        call(None, res_scale=torch.ones(8), res_shift=torch.zeros(8))
     with pytest.raises(RuntimeError, match="the residual scale and shift come together"):
-        torch.ops.cbam_cpu.forward_inference(
-            y, w1, None, w2, None, True, True, None, None, one, one * 0, y, res_scale=torch.ones(8)
-        )
+        call(y, res_scale=torch.ones(8))
     with pytest.raises(RuntimeError, match="residual shift"):
-        torch.ops.cbam_cpu.forward_inference(
-            y,
-            w1,
-            None,
-            w2,
-            None,
-            True,
-            True,
-            None,
-            None,
-            one,
-            one * 0,
-            y,
-            res_scale=torch.ones(8),
-            res_shift=torch.zeros(4),
-        )
+        call(y, res_scale=torch.ones(8), res_shift=torch.zeros(4))
 
 
 def test_split_shortcut():
-    """torchvision's downsampling shortcut (conv1x1, BatchNorm2d) runs without its BatchNorm, which is handed back; an
-    identity, another form, or modules observed by hooks run whole."""
+    """Before a CBAM, torchvision's downsampling shortcut (conv1x1, BatchNorm2d) runs without its BatchNorm, which is
+    handed back; an identity, another form, modules observed by hooks, or any other attention run it whole."""
     x = torch.randn(2, 4, 6, 6)
     conv, norm = nn.Conv2d(4, 8, 1, stride=2, bias=False), _randomise(nn.BatchNorm2d(8)).eval()
-    downsample = nn.Sequential(conv, norm)
-    assert split_shortcut(None, x) == (x, None)
-    out, left = split_shortcut(downsample, x)
+    downsample, cbam = nn.Sequential(conv, norm), CBAM(8, reduction=4)
+    assert split_shortcut(None, x, cbam) == (x, None)
+    out, left = split_shortcut(downsample, x, cbam)
     assert left is norm
     torch.testing.assert_close(out, conv(x))
-    for whole in (nn.Sequential(nn.Sequential(conv, norm)), conv):
-        out, left = split_shortcut(whole, x)
+    for whole, attn in [(nn.Sequential(nn.Sequential(conv, norm)), cbam), (conv, cbam), (downsample, nn.Identity())]:
+        out, left = split_shortcut(whole, x, attn)
         assert left is None
         torch.testing.assert_close(out, whole(x))
     for observed in (downsample, norm):
         handle = observed.register_forward_hook(lambda *args: None)
-        out, left = split_shortcut(downsample, x)
+        out, left = split_shortcut(downsample, x, cbam)
         handle.remove()
         assert left is None
         torch.testing.assert_close(out, downsample(x))

@@ -57,17 +57,21 @@ def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> to
     return fused(x, norm) if fused is not None else attn(norm(x))
 
 
-def split_shortcut(downsample: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
-    """A block's shortcut as (tensor, BatchNorm still to apply to it or None): a downsampling ``nn.Sequential`` ending
-    with a BatchNorm (torchvision's ``conv1x1, BatchNorm2d``) runs without its last module, which the fused CBAM can
-    then fold into its output pass (see :func:`residual_tail`). A shortcut whose modules are observed by hooks, or of
-    any other form, runs whole."""
+def split_shortcut(
+    downsample: nn.Module | None, x: torch.Tensor, attn: nn.Module
+) -> tuple[torch.Tensor, nn.Module | None]:
+    """A block's shortcut as (tensor, BatchNorm still to apply to it or None). Before an attention module that can
+    take it (one with ``residual_relu``, CBAM), a downsampling ``nn.Sequential`` ending with a BatchNorm
+    (torchvision's ``conv1x1, BatchNorm2d``) runs without its last module, which the fused CBAM can then fold into
+    its output pass (see :func:`residual_tail`). Any other shortcut, or one whose modules are observed by hooks,
+    runs whole."""
     from .cbam import _observed
 
     if downsample is None:
         return x, None
     if (
-        isinstance(downsample, nn.Sequential)
+        getattr(attn, "residual_relu", None) is not None
+        and isinstance(downsample, nn.Sequential)
         and len(downsample) > 1
         and isinstance(downsample[-1], nn.BatchNorm2d)
         and not any(_observed(m) for m in (downsample, downsample[-1]))

@@ -66,7 +66,7 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut, shortcut_norm = split_shortcut(self.downsample, x)
+        shortcut, shortcut_norm = split_shortcut(self.downsample, x, self.attn)
         out = self.relu(self.bn1(self.conv1(x)))
         return residual_tail(self.bn2, self.attn, self.conv2(out), shortcut, shortcut_norm)
 
@@ -105,7 +105,7 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut, shortcut_norm = split_shortcut(self.downsample, x)
+        shortcut, shortcut_norm = split_shortcut(self.downsample, x, self.attn)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return residual_tail(self.bn3, self.attn, self.conv3(out), shortcut, shortcut_norm)
