@@ -937,8 +937,9 @@ void for_bunches(int64_t n, int64_t bunch, const F& fn) {
 
 // The optional affine (scale, shift) of a folded BatchNorm ("input": in front of the module; "residual": on the
 // shortcut): both or neither, (C,) in the compute dtype.
-std::pair<const void*, const void*> input_affine(const std::optional<Tensor>& scale, const std::optional<Tensor>& shift,
-                                                 const Tensor& x3, int64_t C, const std::string& what = "input") {
+std::pair<const void*, const void*> folded_affine(const std::optional<Tensor>& scale,
+                                                  const std::optional<Tensor>& shift, const Tensor& x3, int64_t C,
+                                                  const std::string& what = "input") {
   TORCH_CHECK(given(scale) == given(shift), "cbam_cpu: the ", what, " scale and shift come together");
   if (!given(scale)) return {nullptr, nullptr};
   check_acc(*scale, x3, {C}, (what + " scale").c_str());
@@ -977,7 +978,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pools_and_channel_gat
   Tensor maps = spatial ? new_acc(x3, {N, 2, s.h, s.w}) : new_acc(x3, {0});
   Tensor idx_c = need_idx ? new_index(x3, {N, C}) : new_index(x3, {0});
   Tensor idx_s = spatial && need_idx ? new_index(x3, {N, P}) : new_index(x3, {0});
-  const auto in_ab = input_affine(in_scale, in_shift, x3, C);
+  const auto in_ab = folded_affine(in_scale, in_shift, x3, C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "pools_and_channel_gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, C, w1, b1, w2, b2);
@@ -1024,9 +1025,8 @@ int64_t inference_scratch(int64_t B, int64_t C, int64_t hidden, int64_t P) {
 template <typename scalar_t, typename acc_t>
 void bunch_inference(const scalar_t* x, const scalar_t* res, const acc_t* res_a, const acc_t* res_b, scalar_t* out,
                      const MapShape& s, int64_t lo, int64_t hi, const Mlp<acc_t>& mlp, bool avg, bool max,
-                     const acc_t* in_a, const acc_t* in_b,
-                     const acc_t* conv_w, int64_t ks, acc_t bias, acc_t scale, acc_t shift, bool stream,
-                     acc_t* scratch) {
+                     const acc_t* in_a, const acc_t* in_b, const acc_t* conv_w, int64_t ks, acc_t bias, acc_t scale,
+                     acc_t shift, bool stream, acc_t* scratch) {
   const int64_t C = s.c, P = s.p(), R = s.rows(), K = s.cols(), S = s.sample(), B = hi - lo;
   acc_t* pooled = scratch + gates_scratch(B, C, mlp.hidden);
   acc_t *gc = pooled + B * 2 * C, *maps = gc + B * C, *gs = maps + B * 2 * P, *coef = gs + B * P;
@@ -1080,8 +1080,8 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
   }
   check_acc(norm_scale, x3, {1}, "norm scale");
   check_acc(norm_shift, x3, {1}, "norm shift");
-  const auto in_ab = input_affine(in_scale, in_shift, x3, s.c);
-  const auto res_ab = input_affine(res_scale, res_shift, x3, s.c, "residual");
+  const auto in_ab = folded_affine(in_scale, in_shift, x3, s.c);
+  const auto res_ab = folded_affine(res_scale, res_shift, x3, s.c, "residual");
   TORCH_CHECK(res.defined() || !res_ab.first, "cbam_cpu: a residual scale and shift need a residual");
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
@@ -1114,7 +1114,7 @@ Tensor gate(const Tensor& x, const Tensor& chan, const Tensor& pos, const std::o
   check_acc(chan, x3, {s.n, s.c}, "chan");
   check_acc(pos, x3, {s.n, s.p()}, "pos");
   const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
-  const auto in_ab = input_affine(in_scale, in_shift, x3, s.c);
+  const auto in_ab = folded_affine(in_scale, in_shift, x3, s.c);
   Tensor out = at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
