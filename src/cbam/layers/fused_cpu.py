@@ -180,19 +180,21 @@ def _front_affine(y, front, cfg):
         stats = (center.detach(), (var * (count / (count - 1))).detach())
     else:
         center, invstd, stats = pre_rm, torch.rsqrt(pre_rv + cfg.pre_eps), None
-    scale = invstd if pre_w is None else invstd * pre_w
-    shift = -center * scale if pre_b is None else pre_b - center * scale
-    return (scale, shift, center, invstd), stats
+    return (*_norm_affine(center, invstd, pre_w, pre_b), center, invstd), stats
+
+
+def _norm_affine(center, invstd, weight, bias):
+    """BatchNorm's (t - center) * invstd * weight + bias as t * scale + shift (weight and bias may be None)."""
+    scale = invstd if weight is None else invstd * weight
+    shift = -center * scale if bias is None else bias - center * scale
+    return scale, shift
 
 
 def _residual_affine(res_front):
     """The shortcut's BatchNorm (weight, bias, running mean, running variance, eps) as residual * scale + shift, as
     BatchNorm computes it at inference."""
     weight, bias, mean, var, eps = res_front
-    scale = torch.rsqrt(var + eps)
-    scale = scale if weight is None else scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return scale, shift
+    return _norm_affine(mean, torch.rsqrt(var + eps), weight, bias)
 
 
 def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, res_front=None):
@@ -239,8 +241,7 @@ def _inference(
     one = w1.new_ones(1)
     scale, shift = one, one * 0
     if cfg.spatial and cfg.bn == "running":  # fold the BatchNorm into z * scale + shift
-        scale = torch.rsqrt(rvar + cfg.eps) * (one if gamma is None else gamma)
-        shift = (one * 0 if beta is None else beta) - rmean * scale
+        scale, shift = _norm_affine(rmean, torch.rsqrt(rvar + cfg.eps), gamma, beta)
     return torch.ops.cbam_cpu.forward_inference(
         x,
         w1,
