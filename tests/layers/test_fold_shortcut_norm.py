@@ -117,15 +117,17 @@ def test_with_gradients_or_batch_statistics_the_batchnorm_runs_on_its_own():
             )
 
 
-def test_the_attentions_own_batch_statistics_still_fold_the_shortcut_correctly():
+def test_with_the_attentions_own_batch_statistics_the_shortcut_batchnorm_runs_on_its_own():
     """No gradients, but the spatial BatchNorm in training (batch statistics): the module takes the multi-operator
-    path, which normalises the shortcut before its output pass."""
+    path, and the shortcut's BatchNorm runs before it."""
     m, bn, sbn = _modules(8)
     m.spatial.train()
     ref = copy.deepcopy(m)
+    calls = _Calls(sbn)
     y, s = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
     with torch.no_grad():
         got = cbam_fused(m, y, s, norm=bn, residual_norm=sbn)
+        assert calls.count == 1
         expected = torch.relu(ref.forward_reference(bn(y)) + sbn(s))
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(m.spatial.norm.running_mean, ref.spatial.norm.running_mean)

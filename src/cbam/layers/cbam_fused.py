@@ -152,16 +152,8 @@ def cbam_fused(
             front = norm
         else:
             x = norm(x)
-    res_front = None  # the shortcut's BatchNorm, folded into the output pass
-    if residual_norm is not None:
-        if residual is None:
-            raise ValueError(f"{name}: residual_norm needs a residual")
-        tensors = (x, residual, *module.parameters(), *(() if norm is None else norm.parameters()))
-        tensors = (*tensors, *residual_norm.parameters())
-        if _shortcut_norm_folds(residual_norm, residual) and not _grad_needed(*tensors):
-            res_front = (*_norm_params(residual_norm), float(residual_norm.eps))
-        else:
-            residual = residual_norm(residual)
+    if residual_norm is not None and residual is None:
+        raise ValueError(f"{name}: residual_norm needs a residual")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(
             f"{name}: the residual must match the input's shape, dtype and device; expected {tuple(x.shape)} "
@@ -196,6 +188,14 @@ def cbam_fused(
         None if sp_norm is None else sp_norm.bias,
     )
     stats = (sp_norm.running_mean, sp_norm.running_var) if bn == "running" else (None, None)
+    res_front = None  # the shortcut's BatchNorm, folded into the single inference operator's output pass
+    if residual_norm is not None:
+        norms = (*(() if norm is None else norm.parameters()), *residual_norm.parameters())
+        one_operator = bn != "batch" and not _grad_needed(x, residual, *module.parameters(), *norms)
+        if one_operator and _shortcut_norm_folds(residual_norm, residual):
+            res_front = (*_norm_params(residual_norm), float(residual_norm.eps))
+        else:
+            residual = residual_norm(residual)
     return _apply(x, residual, params, stats, cfg, sp_norm, bn, front, res_front)
 
 
@@ -436,25 +436,8 @@ def _(d, maps, weight):
 
 
 def _forward(
-    x,
-    residual,
-    w1,
-    b1,
-    w2,
-    b2,
-    wc,
-    bc,
-    gamma,
-    beta,
-    rmean,
-    rvar,
-    pre_w,
-    pre_b,
-    pre_rm,
-    pre_rv,
-    cfg,
-    need_backward,
-    res_front=None,
+    x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv, cfg, need_backward,
+    res_front=None
 ):
     """Returns out, batch mean and unbiased batch variance of the spatial BatchNorm and of the folded one in front
     (empty unless 'batch'), the tensors to save and the path.

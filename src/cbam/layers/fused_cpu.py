@@ -201,25 +201,25 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, 
     """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all), plus
     the batch statistics of a folded BatchNorm in front (None without one); with a residual, out is
     relu(cbam(x) + residual). With cfg.pre, x is the input of that BatchNorm, which the kernels apply as they read.
-    With ``res_front`` (no backward: the running statistics of a BatchNorm on the shortcut, see
-    :func:`_residual_affine`), the residual is that BatchNorm's input, normalised by the output pass as it reads."""
+    With ``res_front`` (the running statistics of a BatchNorm on the shortcut, see :func:`_residual_affine`; only
+    where the single inference operator runs), the residual is that BatchNorm's input, normalised by the output pass
+    as it reads."""
     ops = torch.ops.cbam_cpu
     wc, bc, gamma, beta, rmean, rvar = small
     wc = None if wc is None else wc.contiguous()  # a model moved to channels-last makes the 4-D weight so
     x, residual = _dense(x), _dense(residual)
     n, c, h, w = x.shape
     affine, pre_stats, front_saved = (None, None), None, ()
-    res_affine = (None, None) if res_front is None else _residual_affine(res_front)
+    one_operator = not need_backward and cfg.bn != "batch"
+    if res_front is not None and not one_operator:
+        raise RuntimeError("cbam_fused: a BatchNorm on the shortcut is folded only into the inference operator")
     if cfg.pre != "none":
         front_saved, pre_stats = _front_affine(x, front, cfg)
         affine = front_saved[:2]
-    if not need_backward and cfg.bn != "batch":
+    if one_operator:
+        res_affine = (None, None) if res_front is None else _residual_affine(res_front)
         out = _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine, res_affine)
         return out, None, pre_stats
-    if res_front is not None:  # only the single inference operator folds it
-        if need_backward:
-            raise RuntimeError("cbam_fused: a BatchNorm on the shortcut is folded only without gradients")
-        residual = _dense(residual * res_affine[0].view(1, -1, 1, 1) + res_affine[1].view(1, -1, 1, 1))
     pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(
         x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial, *affine, need_idx=need_backward
     )
@@ -242,21 +242,9 @@ def _inference(
     scale, shift = one, one * 0
     if cfg.spatial and cfg.bn == "running":  # fold the BatchNorm into z * scale + shift
         scale, shift = _norm_affine(rmean, torch.rsqrt(rvar + cfg.eps), gamma, beta)
+    wc = wc if cfg.spatial else None
     return torch.ops.cbam_cpu.forward_inference(
-        x,
-        w1,
-        b1,
-        w2,
-        b2,
-        cfg.avg,
-        cfg.max,
-        wc if cfg.spatial else None,
-        bc,
-        scale,
-        shift,
-        residual,
-        *affine,
-        *res_affine,
+        x, w1, b1, w2, b2, cfg.avg, cfg.max, wc, bc, scale, shift, residual, *affine, *res_affine
     )
 
 
