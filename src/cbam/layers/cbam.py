@@ -368,6 +368,7 @@ class CBAM(nn.Module):
         shortcut: torch.Tensor,
         norm: nn.Module | None = None,
         shortcut_norm: nn.Module | None = None,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """``relu(self(norm(x)) + shortcut_norm(shortcut))``: the end of a residual block whose residual branch ends
         with ``norm`` (optional, usually the block's last BatchNorm) and this module, and whose shortcut ends with
@@ -378,12 +379,13 @@ class CBAM(nn.Module):
         inference while the output pass reads the shortcut, and the block's output is written in the module's own
         output pass (for a shortcut of x's shape and dtype). Otherwise the BatchNorms, the module, the addition and the
         ReLU run one after the other. Forward hooks on this module (or on either BatchNorm) see their module's own
-        output either way: while any is registered, the module runs on its own."""
+        output either way: while any is registered, the module runs on its own. With ``inplace`` (nothing else holds
+        ``x``), the fused path's inference operator writes the result over ``x``."""
         fits = shortcut.shape == x.shape and shortcut.dtype == x.dtype and shortcut.device == x.device
         if self.fuse_residual and fits and not _observed(self) and self._fused_serves(x):
             from .cbam_fused import cbam_fused
 
-            return cbam_fused(self, x, residual=shortcut, norm=norm, residual_norm=shortcut_norm)
+            return cbam_fused(self, x, residual=shortcut, norm=norm, residual_norm=shortcut_norm, inplace=inplace)
         shortcut = shortcut if shortcut_norm is None else shortcut_norm(shortcut)
         return torch.relu(self(x if norm is None else norm(x)) + shortcut)
 

@@ -134,6 +134,7 @@ def cbam_fused(
     residual: torch.Tensor | None = None,
     norm: nn.Module | None = None,
     residual_norm: nn.Module | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Same result as module's reference forward (train and eval mode, incl. BN running-stat updates).
 
@@ -143,7 +144,10 @@ def cbam_fused(
     the normalisation while they read ``x`` (its statistics, running-statistics update and backward included), so
     the normalised map is never written, read or kept; otherwise ``norm`` runs first. With ``residual_norm`` (the
     BatchNorm of a downsampling shortcut), the residual is ``residual_norm(residual)``: at inference (running
-    statistics, no gradients) the output pass applies it as it reads the residual; otherwise it runs first."""
+    statistics, no gradients) the output pass applies it as it reads the residual; otherwise it runs first. With
+    ``inplace`` (for a caller that does not need ``x`` afterwards, such as a block handing over its convolution's
+    output), the single inference operator writes the result into ``x`` and returns it; elsewhere (gradients, batch
+    statistics, other paths) ``x`` is left as it was."""
     name = type(module).__name__
     check_feature_map(name, x, module.channels)
     front = None  # the BatchNorm folded into the kernels
@@ -196,7 +200,7 @@ def cbam_fused(
             res_front = (*_norm_params(residual_norm), float(residual_norm.eps))
         else:
             residual = residual_norm(residual)
-    return _apply(x, residual, params, stats, cfg, sp_norm, bn, front, res_front)
+    return _apply(x, residual, params, stats, cfg, sp_norm, bn, front, res_front, inplace)
 
 
 def _grad_needed(*tensors: torch.Tensor | None) -> bool:
@@ -220,7 +224,7 @@ def _shortcut_norm_folds(norm: nn.Module, residual: torch.Tensor) -> bool:
     return residual.dim() == 4 and norm.num_features == residual.shape[1] and fused_path(residual) == "native"
 
 
-def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None, res_front=None):
+def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None, res_front=None, inplace=False):
     """Runs the Function (or, without gradients, its forward) and updates the running statistics of the spatial
     BatchNorm (``sp_norm``) and of the folded one in front (``front``) as BatchNorm would. ``res_front`` (weight,
     bias, running mean, running variance, eps of the shortcut's BatchNorm) comes only without gradients."""
@@ -235,7 +239,7 @@ def _apply(x, residual, params, stats, cfg, sp_norm, bn, front=None, res_front=N
     else:
         with torch.autocast(x.device.type, enabled=False):
             out, mean, var, pre_mean, pre_var, _, _ = _forward(
-                *inputs, *stats, *pre, cfg, need_backward=False, res_front=res_front
+                *inputs, *stats, *pre, cfg, need_backward=False, res_front=res_front, inplace=inplace
             )
     if bn == "batch":
         _update_running_stats(sp_norm, mean, var)
@@ -437,14 +441,15 @@ def _(d, maps, weight):
 
 def _forward(
     x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv, cfg, need_backward,
-    res_front=None
+    res_front=None, inplace=False
 ):
     """Returns out, batch mean and unbiased batch variance of the spatial BatchNorm and of the folded one in front
     (empty unless 'batch'), the tensors to save and the path.
 
     With a residual, out is relu(cbam(x) + residual) (the native kernels write it in their output pass); with a folded
     BatchNorm in front (cfg.pre, native path only), x is that BatchNorm's input; with ``res_front`` (native path, no
-    backward), the residual is the input of the shortcut's BatchNorm."""
+    backward), the residual is the input of the shortcut's BatchNorm; with ``inplace`` (native path, no backward), out
+    may be x itself, overwritten."""
     cd = _compute_dtype(x)
     w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv = (
         _cast(t, cd) for t in (w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, pre_w, pre_b, pre_rm, pre_rv)
@@ -458,7 +463,7 @@ def _forward(
 
         front = (pre_w, pre_b, pre_rm, pre_rv)
         out, saved, pre_stats = fused_cpu.forward(
-            x, residual, w1, b1, w2, b2, small, cfg, need_backward, front, res_front
+            x, residual, w1, b1, w2, b2, small, cfg, need_backward, front, res_front, inplace
         )
         pre_mean, pre_var = (x.new_empty(0, dtype=cd), x.new_empty(0, dtype=cd)) if pre_stats is None else pre_stats
         if saved is None:  # one operator did everything, nothing is kept

@@ -145,6 +145,7 @@ def _register_fakes() -> None:
         return (acc(x, pools, n, c), acc(x, pools, n, w1.shape[0]), acc(x, n, c), maps, idx_c, idx_s)
 
     fake("forward_inference")(lambda x, *args: torch.empty_like(x))
+    fake("forward_inference_")(lambda x, *args: None)
     fake("gate")(lambda x, chan, pos, residual, in_scale=None, in_shift=None: torch.empty_like(x))
     fake("spatial_conv")(lambda maps, w, b: maps.new_empty((maps.shape[0], 1, maps.shape[2], maps.shape[3])))
     fake("spatial_conv_backward")(lambda d, maps, w: (torch.empty_like(maps), torch.empty_like(w)))
@@ -197,13 +198,14 @@ def _residual_affine(res_front):
     return _norm_affine(mean, torch.rsqrt(var + eps), weight, bias)
 
 
-def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, res_front=None):
+def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, res_front=None, inplace=False):
     """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all), plus
     the batch statistics of a folded BatchNorm in front (None without one); with a residual, out is
     relu(cbam(x) + residual). With cfg.pre, x is the input of that BatchNorm, which the kernels apply as they read.
     With ``res_front`` (the running statistics of a BatchNorm on the shortcut, see :func:`_residual_affine`; only
     where the single inference operator runs), the residual is that BatchNorm's input, normalised by the output pass
-    as it reads."""
+    as it reads. With ``inplace`` (the caller does not need x afterwards), the single inference operator writes its
+    output into x."""
     ops = torch.ops.cbam_cpu
     wc, bc, gamma, beta, rmean, rvar = small
     wc = None if wc is None else wc.contiguous()  # a model moved to channels-last makes the 4-D weight so
@@ -218,7 +220,9 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, 
         affine = front_saved[:2]
     if one_operator:
         res_affine = (None, None) if res_front is None else _residual_affine(res_front)
-        out = _inference(x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine, res_affine)
+        out = _inference(
+            x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine, res_affine, inplace
+        )
         return out, None, pre_stats
     pooled, hpre, gc, maps, idx_c, idx_s = ops.pools_and_channel_gate(
         x, w1, b1, w2, b2, cfg.avg, cfg.max, cfg.spatial, *affine, need_idx=need_backward
@@ -235,17 +239,35 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, 
 
 
 def _inference(
-    x, residual, w1, b1, w2, b2, wc, bc, gamma, beta, rmean, rvar, cfg, affine=(None, None), res_affine=(None, None)
+    x,
+    residual,
+    w1,
+    b1,
+    w2,
+    b2,
+    wc,
+    bc,
+    gamma,
+    beta,
+    rmean,
+    rvar,
+    cfg,
+    affine=(None, None),
+    res_affine=(None, None),
+    inplace=False,
 ):
-    """The whole module in one operator, sample by sample (no batch statistics, nothing kept)."""
+    """The whole module in one operator, sample by sample (no batch statistics, nothing kept); with ``inplace`` its
+    output goes into x (the output pass then writes lines it has just read, which are in the cache)."""
     one = w1.new_ones(1)
     scale, shift = one, one * 0
     if cfg.spatial and cfg.bn == "running":  # fold the BatchNorm into z * scale + shift
         scale, shift = _norm_affine(rmean, torch.rsqrt(rvar + cfg.eps), gamma, beta)
     wc = wc if cfg.spatial else None
-    return torch.ops.cbam_cpu.forward_inference(
-        x, w1, b1, w2, b2, cfg.avg, cfg.max, wc, bc, scale, shift, residual, *affine, *res_affine
-    )
+    args = (w1, b1, w2, b2, cfg.avg, cfg.max, wc, bc, scale, shift, residual, *affine, *res_affine)
+    if inplace:
+        torch.ops.cbam_cpu.forward_inference_(x, *args)
+        return x
+    return torch.ops.cbam_cpu.forward_inference(x, *args)
 
 
 def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w=None):

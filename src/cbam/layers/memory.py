@@ -82,12 +82,22 @@ def split_shortcut(
     return downsample(x), None
 
 
+def unobserved(module: nn.Module) -> bool:
+    """True if no forward hook (the module's own or a global one) sees the module's call: its output then goes to
+    its caller alone, which may let :func:`residual_tail` overwrite it (``inplace``)."""
+    from .cbam import _observed
+
+    return not _observed(module)
+
+
 def residual_tail(
     norm: nn.Module,
     attn: nn.Module,
     x: torch.Tensor,
     shortcut: torch.Tensor,
     shortcut_norm: nn.Module | None = None,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``relu(attn(norm(x)) + shortcut_norm(shortcut))``, the end of a residual block (``shortcut_norm`` optional).
 
@@ -96,10 +106,15 @@ def residual_tail(
     its output pass, and writes the block's output in that pass. With ``attn.memory_efficient`` only
     ``attn(norm(x))`` is recomputed in backward and the addition and ReLU follow it (recomputing them too would mean
     keeping the shortcut, which the plain network does not keep in a downsampling block).
+
+    ``inplace=True`` says that nothing else holds ``x`` (a block passes its last convolution's output, when no hook
+    sees that convolution): at inference the fused CBAM then writes the block's output over ``x``, as a compiled
+    plain network's BatchNorm, addition and ReLU do over the convolution's output, so the output pass writes lines
+    that are already in the cache instead of a new tensor.
     """
     fused = getattr(attn, "residual_relu", None)
     if fused is not None and not _lean(attn, x):
-        return fused(x, shortcut, norm=norm, shortcut_norm=shortcut_norm)
+        return fused(x, shortcut, norm=norm, shortcut_norm=shortcut_norm, inplace=inplace)
     shortcut = shortcut if shortcut_norm is None else shortcut_norm(shortcut)
     if _lean(attn, x):
         return torch.relu_(norm_then_attention(norm, attn, x) + shortcut)

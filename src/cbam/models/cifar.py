@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.memory import residual_tail
+from ..layers.memory import residual_tail, unobserved
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -68,7 +68,8 @@ class CifarBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return residual_tail(self.bn2, self.attn, self.conv2(out), self.shortcut(x))
+        out = self.conv2(out)
+        return residual_tail(self.bn2, self.attn, out, self.shortcut(x), inplace=unobserved(self.conv2))
 
 
 class CifarResNet(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.memory import residual_tail, split_shortcut
+from ..layers.memory import residual_tail, split_shortcut, unobserved
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -68,7 +68,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut, shortcut_norm = split_shortcut(self.downsample, x, self.attn)
         out = self.relu(self.bn1(self.conv1(x)))
-        return residual_tail(self.bn2, self.attn, self.conv2(out), shortcut, shortcut_norm)
+        out = self.conv2(out)
+        return residual_tail(self.bn2, self.attn, out, shortcut, shortcut_norm, inplace=unobserved(self.conv2))
 
 
 class Bottleneck(nn.Module):
@@ -108,7 +109,8 @@ class Bottleneck(nn.Module):
         shortcut, shortcut_norm = split_shortcut(self.downsample, x, self.attn)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return residual_tail(self.bn3, self.attn, self.conv3(out), shortcut, shortcut_norm)
+        out = self.conv3(out)
+        return residual_tail(self.bn3, self.attn, out, shortcut, shortcut_norm, inplace=unobserved(self.conv3))
 
 
 class ResNet(nn.Module):

@@ -21,6 +21,7 @@
 #endif
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -727,16 +728,17 @@ void sample_conv(const acc_t* maps, const acc_t* weight, int64_t ks, int64_t H, 
 // itself a folded BatchNorm's output, res * res_a[c] + res_b[c] (a downsampling block's shortcut). With AFF, the
 // module's input is a folded BatchNorm's affine map of the tensor read, and the channel gate comes inside it:
 // out = (t * in_a[c] + in_b[c]) * pos with in_a = scale * gc and in_b = shift * gc per channel (as the spatial
-// pools read x * gc), chan unused.
-template <typename scalar_t, typename acc_t, int RES, bool AFF>
+// pools read x * gc), chan unused. With IN_PLACE, out is x: each element is read, then written in its place.
+template <typename scalar_t, typename acc_t, int RES, bool AFF, bool IN_PLACE = false>
 void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
                int64_t K, const scalar_t* res, const acc_t* res_a, const acc_t* res_b, const acc_t* in_a,
                const acc_t* in_b, scalar_t* out, bool stream) {
   using V = Vec<acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* __restrict__ xr = x + r * K;
-    const scalar_t* __restrict__ rr = RES > 0 ? res + r * K : nullptr;
     scalar_t* __restrict__ orow = out + r * K;
+    const scalar_t* __restrict__ xin = IN_PLACE ? nullptr : x + r * K;
+    const scalar_t* xr = IN_PLACE ? orow : xin;  // (one restrict pointer per array)
+    const scalar_t* __restrict__ rr = RES > 0 ? res + r * K : nullptr;
     // per row: a the row's scalar factor (channel gate of NCHW row c, spatial gate of channels-last row p; 1 for
     // an NCHW row with AFF) and v the column vector (null for a channels-last row with AFF); the reference's
     // rounding order is (x * channel gate) * spatial gate
@@ -786,19 +788,26 @@ void gate_rows(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan
   }
 }
 
-// gate_rows for whichever of res, res_a (with res_b) and in_a (with in_b) are given (not null).
+// gate_rows for whichever of res, res_a (with res_b) and in_a (with in_b) are given (not null); in place when out is
+// x.
 template <typename scalar_t, typename acc_t>
 void gate_rows_any(const scalar_t* x, const acc_t* chan, const acc_t* pos, bool chan_is_row, int64_t r0, int64_t r1,
                    int64_t K, const scalar_t* res, const acc_t* res_a, const acc_t* res_b, const acc_t* in_a,
                    const acc_t* in_b, scalar_t* out, bool stream) {
   with_flags(res != nullptr, in_a != nullptr, [&](auto has_res, auto has_aff) {
     constexpr bool AFF = decltype(has_aff)::value;
-    if (decltype(has_res)::value && res_a)
-      gate_rows<scalar_t, acc_t, 2, AFF>(x, chan, pos, chan_is_row, r0, r1, K, res, res_a, res_b, in_a, in_b, out,
-                                         stream);
+    constexpr int RES = decltype(has_res)::value ? 1 : 0;
+    auto run = [&](auto res_kind, auto in_place) {
+      gate_rows<scalar_t, acc_t, decltype(res_kind)::value, AFF, decltype(in_place)::value>(
+          x, chan, pos, chan_is_row, r0, r1, K, res, res_a, res_b, in_a, in_b, out, stream);
+    };
+    const bool in_place = out == x;
+    if (RES && res_a)
+      in_place ? run(std::integral_constant<int, 2>{}, std::true_type{})
+               : run(std::integral_constant<int, 2>{}, std::false_type{});
     else
-      gate_rows<scalar_t, acc_t, decltype(has_res)::value ? 1 : 0, AFF>(x, chan, pos, chan_is_row, r0, r1, K, res,
-                                                                        nullptr, nullptr, in_a, in_b, out, stream);
+      in_place ? run(std::integral_constant<int, RES>{}, std::true_type{})
+               : run(std::integral_constant<int, RES>{}, std::false_type{});
   });
 }
 
@@ -1059,12 +1068,17 @@ void bunch_inference(const scalar_t* x, const scalar_t* res, const acc_t* res_a,
 // relu(out + residual) is returned. With in_scale and in_shift (C,), the module's input is x * in_scale[c] +
 // in_shift[c] (a folded BatchNorm); with res_scale and res_shift (C,), the residual is residual * res_scale[c] +
 // res_shift[c] (the folded BatchNorm of a downsampling shortcut).
-Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
-                         const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
-                         const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
-                         const std::optional<Tensor>& residual, const std::optional<Tensor>& in_scale,
-                         const std::optional<Tensor>& in_shift, const std::optional<Tensor>& res_scale,
-                         const std::optional<Tensor>& res_shift) {
+//
+// With into_x, the output goes into x itself where it can (x dense in either layout and not overlapping the
+// residual): each element is read before it is written, at the same place, so the passes are unchanged, and the
+// output pass writes lines that are already in the cache, as a compiled plain network's BatchNorm, addition and
+// ReLU do on its convolution's output. Elsewhere a new tensor is returned.
+Tensor inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                 const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
+                 const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
+                 const std::optional<Tensor>& residual, const std::optional<Tensor>& in_scale,
+                 const std::optional<Tensor>& in_shift, const std::optional<Tensor>& res_scale,
+                 const std::optional<Tensor>& res_shift, bool into_x) {
   const MapShape s = map_shape(x);
   const Tensor& x3 = s.t;
   const Tensor res = given(residual) ? s.like(*residual, "the residual") : Tensor();
@@ -1083,7 +1097,8 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
   const auto in_ab = folded_affine(in_scale, in_shift, x3, s.c);
   const auto res_ab = folded_affine(res_scale, res_shift, x3, s.c, "residual");
   TORCH_CHECK(res.defined() || !res_ab.first, "cbam_cpu: a residual scale and shift need a residual");
-  Tensor out = at::empty_like(x3);
+  const bool in_place = into_x && x3.is_same(x) && (!res.defined() || at::get_overlap_status(x3, res) == at::MemOverlapStatus::No);
+  Tensor out = in_place ? x3 : at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Mlp<acc_t> mlp = make_mlp<acc_t>(x3, s.c, w1, b1, w2, b2);
@@ -1093,7 +1108,7 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
     const acc_t* wp = spatial ? cw.const_data_ptr<acc_t>() : nullptr;
     const acc_t bias = given(conv_bias) ? conv_bias->const_data_ptr<acc_t>()[0] : acc_t(0);
     const acc_t scale = norm_scale.const_data_ptr<acc_t>()[0], shift = norm_shift.const_data_ptr<acc_t>()[0];
-    const bool stream = stream_output(out);
+    const bool stream = !in_place && stream_output(out);  // (x's lines are in the cache, just read)
     const acc_t *in_a = static_cast<const acc_t*>(in_ab.first), *in_b = static_cast<const acc_t*>(in_ab.second);
     const acc_t *res_a = static_cast<const acc_t*>(res_ab.first), *res_b = static_cast<const acc_t*>(res_ab.second);
     for_bunches(s.n, bunch_size(s, sizeof(scalar_t)), [&](int64_t lo, int64_t hi) {
@@ -1103,6 +1118,29 @@ Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<
     });
   });
   return out;
+}
+
+Tensor forward_inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                         const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
+                         const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
+                         const std::optional<Tensor>& residual, const std::optional<Tensor>& in_scale,
+                         const std::optional<Tensor>& in_shift, const std::optional<Tensor>& res_scale,
+                         const std::optional<Tensor>& res_shift) {
+  return inference(x, w1, b1, w2, b2, avg, max, conv_weight, conv_bias, norm_scale, norm_shift, residual, in_scale,
+                   in_shift, res_scale, res_shift, false);
+}
+
+// forward_inference with the result written into x (for a caller that does not need x afterwards: a block's
+// convolution output).
+void forward_inference_(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                        const std::optional<Tensor>& b2, bool avg, bool max, const std::optional<Tensor>& conv_weight,
+                        const std::optional<Tensor>& conv_bias, const Tensor& norm_scale, const Tensor& norm_shift,
+                        const std::optional<Tensor>& residual, const std::optional<Tensor>& in_scale,
+                        const std::optional<Tensor>& in_shift, const std::optional<Tensor>& res_scale,
+                        const std::optional<Tensor>& res_shift) {
+  const Tensor out = inference(x, w1, b1, w2, b2, avg, max, conv_weight, conv_bias, norm_scale, norm_shift, residual,
+                               in_scale, in_shift, res_scale, res_shift, true);
+  if (!out.is_same(x)) x.copy_(out);  // (x strided, or overlapping the residual)
 }
 
 // out = (x * chan) * pos for a batch, chan (N, C) and pos (N, H*W); with a residual, relu(out + residual); with
@@ -1760,6 +1798,11 @@ TORCH_LIBRARY(cbam_cpu, m) {
       "Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, Tensor? residual, "
       "Tensor? in_scale=None, Tensor? in_shift=None, Tensor? res_scale=None, Tensor? res_shift=None) -> Tensor",
       any_layout);
+  m.def(
+      "forward_inference_(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool avg, bool max, "
+      "Tensor? conv_weight, Tensor? conv_bias, Tensor norm_scale, Tensor norm_shift, Tensor? residual, "
+      "Tensor? in_scale=None, Tensor? in_shift=None, Tensor? res_scale=None, Tensor? res_shift=None) -> ()",
+      any_layout);
   m.def("gate(Tensor x, Tensor chan, Tensor pos, Tensor? residual, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor",
         any_layout);
   m.def("spatial_conv(Tensor maps, Tensor weight, Tensor? bias) -> Tensor");
@@ -1782,6 +1825,7 @@ TORCH_LIBRARY(cbam_cpu, m) {
 TORCH_LIBRARY_IMPL(cbam_cpu, CPU, m) {
   m.impl("pools_and_channel_gate", &pools_and_channel_gate);
   m.impl("forward_inference", &forward_inference);
+  m.impl("forward_inference_", &forward_inference_);
   m.impl("gate", &gate);
   m.impl("spatial_conv", &spatial_conv);
   m.impl("spatial_conv_backward", &spatial_conv_backward);

@@ -1,0 +1,171 @@
+"""The inference operator writing a block's output over the block's last convolution output (``inplace``):
+``cbam_cpu::forward_inference_`` gives exactly what ``forward_inference`` returns, blocks hand their convolution's
+output over only when no hook sees it, and a compiled network runs the operator in place (no copy of the map)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+from cbam import CBAM, create_model
+from cbam.layers import cbam_fused as fused_module
+from cbam.layers import fused_cpu
+from cbam.layers.memory import residual_tail
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def native(monkeypatch):
+    assert fused_cpu.native_available(), fused_cpu.native_status()
+    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
+
+
+def _randomise(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.3, 0.3)
+        norm.running_mean.uniform_(-0.4, 0.4)
+        norm.running_var.uniform_(0.3, 2.0)
+    return norm
+
+
+def _operator_args(c: int, dtype: torch.dtype, case: str, residual: torch.Tensor | None):
+    """Everything after x for forward_inference(_): weights in the compute dtype, the case's optional parts."""
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape, lo=-0.5, hi=0.5):
+        return torch.rand(*shape, generator=g, dtype=cd) * (hi - lo) + lo
+
+    conv = None if case == "channel-only" else rand(1, 2, 7, 7)
+    args = [rand(c // 4, c), rand(c // 4), rand(c, c // 4), rand(c), True, True, conv, None]
+    args += [rand(1, lo=0.5, hi=1.5), rand(1), residual]
+    if case == "folded":  # a BatchNorm in front and one on the shortcut, both folded
+        args += [rand(c, lo=0.5, hi=1.5), rand(c), rand(c, lo=0.5, hi=1.5), rand(c)]
+    return args
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["folded", "residual", "no-residual", "channel-only"])
+def test_in_place_operator_writes_exactly_what_the_other_returns(dtype, fmt, case):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 9, 7, dtype=dtype).contiguous(memory_format=fmt)
+    residual = None if case == "no-residual" else torch.randn_like(x)
+    args = _operator_args(16, dtype, case, residual)
+    expected = torch.ops.cbam_cpu.forward_inference(x, *args)
+    where = x.data_ptr()
+    assert torch.ops.cbam_cpu.forward_inference_(x, *args) is None
+    assert x.data_ptr() == where and x.is_contiguous(memory_format=fmt)
+    assert torch.equal(x, expected)
+
+
+def test_in_place_operator_with_a_strided_input_or_an_overlapping_residual():
+    """x that the kernels would copy first, a residual that is x itself, and one that overlaps x at an offset: x
+    still ends up holding the result computed from the values before the call."""
+    torch.manual_seed(0)
+    shape = (2, 8, 5, 6)
+    numel = 2 * 8 * 5 * 6
+
+    def check(x, residual):
+        args = _operator_args(8, torch.float32, "residual", residual.clone())
+        expected = torch.ops.cbam_cpu.forward_inference(x.clone(), *args)
+        args[10] = residual
+        torch.ops.cbam_cpu.forward_inference_(x, *args)
+        torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+    wide = torch.randn(2, 8, 5, 12)
+    check(wide[..., ::2], torch.randn(shape))  # strided: computed aside, then copied in
+    x = torch.randn(shape)
+    check(x, x)  # the residual is x: every element is read before its place is written
+    base = torch.randn(numel + 40)
+    check(base[:numel].view(shape), base[40:].view(shape))  # partial overlap: computed aside
+
+
+def test_in_place_operator_registration():
+    """Schema (x mutated, nothing returned), fake implementation and AOT tracing, as torch.compile uses them."""
+    x = torch.randn(2, 8, 5, 5)
+    args = _operator_args(8, torch.float32, "folded", torch.randn_like(x))
+    torch.library.opcheck(
+        torch.ops.cbam_cpu.forward_inference_.default,
+        (x, *args),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+def test_residual_tail_overwrites_x_only_at_inference_when_allowed():
+    torch.manual_seed(0)
+    m, bn, sbn = CBAM(16, reduction=4).eval(), _randomise(nn.BatchNorm2d(16)).eval(), _randomise(nn.BatchNorm2d(16))
+    sbn.eval()
+    y, s = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
+    expected = torch.relu(m.forward_reference(bn(y)) + sbn(s)).detach()
+
+    with torch.no_grad():
+        kept = y.clone()
+        out = residual_tail(bn, m, kept, s, sbn)  # inplace not given: y is the caller's
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(kept, y)
+        given = y.clone()
+        out = residual_tail(bn, m, given, s, sbn, inplace=True)
+        assert out.data_ptr() == given.data_ptr()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+    given = y.clone()  # with gradients (the module's parameters need them) nothing is overwritten
+    out = residual_tail(bn, m, given, s, sbn, inplace=True)
+    assert torch.equal(given, y)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    m.train()
+    with torch.no_grad():  # batch statistics in the spatial gate: several operators, x left alone
+        given = y.clone()
+        residual_tail(bn, m, given, s, sbn, inplace=True)
+        assert torch.equal(given, y)
+
+
+@pytest.mark.parametrize("name,conv", [("resnet18", "conv2"), ("resnet50", "conv3"), ("cifar_resnet20", "conv2")])
+def test_a_hooked_convolution_keeps_its_output(name, conv):
+    """A hook that keeps a block's last convolution output (a feature extractor) finds it intact after the block ran;
+    without hooks the block's output goes over it, and the network gives the same numbers either way."""
+    torch.manual_seed(0)
+    net = create_model(name, attention="cbam", num_classes=10).eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            _randomise(module)
+    x = torch.randn(2, 3, 32, 32)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    block = next(b for b in net.modules() if hasattr(b, "attn") and hasattr(b, conv))
+    handle = getattr(block, conv).register_forward_hook(lambda mod, args, out: seen.append((out, out.clone())))
+    with torch.no_grad():
+        hooked = net(x)
+        handle.remove()
+        (held, copy_at_the_time), = seen
+        assert torch.equal(held, copy_at_the_time)
+        # unobserved: the convolution's output (caught without a hook) becomes the block's output
+        conv_module, outputs = getattr(block, conv), []
+        forward = conv_module.forward
+        conv_module.forward = lambda t: outputs.append(forward(t)) or outputs[-1]
+        block.register_forward_hook(lambda mod, args, out: outputs.append(out))
+        plain = net(x)
+    conv_out, block_out = outputs
+    assert conv_out.data_ptr() == block_out.data_ptr()
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+
+
+def test_compiled_network_runs_the_operator_in_place():
+    """Inductor re-inplaces the functionalised operator onto the convolution's output: the generated code calls
+    forward_inference_ and copies no map for it, and gives the eager numbers."""
+    torch.manual_seed(0)
+    net = create_model("resnet18", attention="cbam", num_classes=10).eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            _randomise(module)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        got, codes = run_and_get_code(torch.compile(net), x)
+    code = "\n".join(codes)
+    assert code.count("cbam_cpu.forward_inference_.default(") == 8
+    assert "clone" not in code and "auto_functionalized" not in code
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
