@@ -32,6 +32,12 @@ def _randomise(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return norm
 
 
+def catch_output(module: nn.Module, caught: list[torch.Tensor]) -> None:
+    """Appends each output of ``module`` to ``caught``, without a hook (a hook would stop the in-place write)."""
+    forward = module.forward
+    module.forward = lambda *args: caught.append(forward(*args)) or caught[-1]
+
+
 def _operator_args(c: int, dtype: torch.dtype, case: str, residual: torch.Tensor | None):
     """Everything after x for forward_inference(_): weights in the compute dtype, the case's optional parts."""
     cd = torch.float64 if dtype == torch.float64 else torch.float32
@@ -124,10 +130,19 @@ def test_residual_tail_overwrites_x_only_at_inference_when_allowed():
         assert torch.equal(given, y)
 
 
-@pytest.mark.parametrize("name,conv", [("resnet18", "conv2"), ("resnet50", "conv3"), ("cifar_resnet20", "conv2")])
-def test_a_hooked_convolution_keeps_its_output(name, conv):
-    """A hook that keeps a block's last convolution output (a feature extractor) finds it intact after the block ran;
-    without hooks the block's output goes over it, and the network gives the same numbers either way."""
+@pytest.mark.parametrize(
+    "name,conv,after",
+    [
+        ("resnet18", "conv2", None),
+        ("resnet50", "conv3", None),
+        ("cifar_resnet20", "conv2", None),
+        ("mobilenet_v1", "conv_pw", "act_pw"),
+    ],
+)
+def test_a_hooked_convolution_keeps_its_output(name, conv, after):
+    """A hook that keeps a layer's convolution output (a feature extractor) finds it intact after the attention
+    ran; without hooks the attention's output (the block's, or what the activation after it reads) goes over it,
+    and the network gives the same numbers either way."""
     torch.manual_seed(0)
     net = create_model(name, attention="cbam", num_classes=10).eval()
     for module in net.modules():
@@ -135,21 +150,24 @@ def test_a_hooked_convolution_keeps_its_output(name, conv):
             _randomise(module)
     x = torch.randn(2, 3, 32, 32)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    block = next(b for b in net.modules() if hasattr(b, "attn") and hasattr(b, conv))
+    block = next(b for b in net.modules() if hasattr(b, conv) and any(hasattr(b, a) for a in ("attn", "attn_pw")))
     handle = getattr(block, conv).register_forward_hook(lambda mod, args, out: seen.append((out, out.clone())))
     with torch.no_grad():
         hooked = net(x)
         handle.remove()
-        (held, copy_at_the_time), = seen
+        ((held, copy_at_the_time),) = seen
         assert torch.equal(held, copy_at_the_time)
-        # unobserved: the convolution's output (caught without a hook) becomes the block's output
-        conv_module, outputs = getattr(block, conv), []
-        forward = conv_module.forward
-        conv_module.forward = lambda t: outputs.append(forward(t)) or outputs[-1]
-        block.register_forward_hook(lambda mod, args, out: outputs.append(out))
+        # unobserved: the convolution's output and the attention's output, caught without hooks, share memory
+        caught: list[torch.Tensor] = []
+        catch_output(getattr(block, conv), caught)
+        if after is None:
+            catch_output(block, caught)
+        else:  # what the activation after the attention reads
+            activation, act = getattr(block, after), getattr(block, after).forward
+            activation.forward = lambda t: caught.append(t) or act(t)
         plain = net(x)
-    conv_out, block_out = outputs
-    assert conv_out.data_ptr() == block_out.data_ptr()
+    conv_out, attn_out = caught
+    assert conv_out.data_ptr() == attn_out.data_ptr()
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
 
 

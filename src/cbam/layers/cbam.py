@@ -389,13 +389,14 @@ class CBAM(nn.Module):
         shortcut = shortcut if shortcut_norm is None else shortcut_norm(shortcut)
         return torch.relu(self(x if norm is None else norm(x)) + shortcut)
 
-    def norm_forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    def norm_forward(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
         """``self(norm(x))``, for a module placed right after a BatchNorm (MobileNet's layers): with
-        ``fuse_residual`` the CPU kernels fold the BatchNorm into their reads, as :meth:`residual_relu` does."""
+        ``fuse_residual`` the CPU kernels fold the BatchNorm into their reads, as :meth:`residual_relu` does, and
+        with ``inplace`` (nothing else holds ``x``) the inference operator writes the result over ``x``."""
         if self.fuse_residual and not _observed(self) and self._fused_serves(x):
             from .cbam_fused import cbam_fused
 
-            return cbam_fused(self, x, norm=norm)
+            return cbam_fused(self, x, norm=norm, inplace=inplace)
         return self(norm(x))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,13 +48,15 @@ def _lean(attn: nn.Module, x: torch.Tensor) -> bool:
     return getattr(attn, "memory_efficient", False) and torch.is_grad_enabled() and x.requires_grad
 
 
-def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def norm_then_attention(norm: nn.Module, attn: nn.Module, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``attn(norm(x))``, recomputed in backward instead of stored when ``attn.memory_efficient`` is set; an attention
-    module with a ``norm_forward`` method (CBAM) applies the norm itself (the fused CBAM folds it into its kernels)."""
+    module with a ``norm_forward`` method (CBAM) applies the norm itself (the fused CBAM folds it into its kernels).
+    ``inplace``: nothing else holds ``x``, which the fused CBAM may then overwrite at inference (see
+    :func:`residual_tail`)."""
     if _lean(attn, x):
         return _recomputed(lambda t: attn(norm(t)), norm, attn, x)
     fused = getattr(attn, "norm_forward", None)
-    return fused(x, norm) if fused is not None else attn(norm(x))
+    return fused(x, norm, inplace=inplace) if fused is not None else attn(norm(x))
 
 
 def split_shortcut(
