@@ -34,19 +34,18 @@ def test_bench_tiny_run_writes_json_and_ratio_tables(tmp_path, capsys):
     assert "allocator" in capsys.readouterr().out
 
 
-def test_bench_times_inductors_formulation_of_the_fused_path_when_compiling(tmp_path, monkeypatch):
+def test_bench_times_inductors_formulation_of_the_fused_path_when_compiling(tmp_path):
     """With the native kernels loaded, the compiled cases include the fused path lowered by Inductor itself. The
     compiled module cases share one forward (four graphs here: two formulations, with and without gradients); with
     Dynamo's recompilation limit at 1, they still all compile (the bench raises the limit, and a hit would be an
     error, not a silent fall-back to eager code)."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     out = tmp_path / "bench.json"
-    assert main(["bench", "--allocator", "current", "--shapes", "2x32x8x8", "--no-networks", "--rounds", "5",
-                 "--min-seconds", "0", "--output", str(out)]) == 0
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        assert main(["bench", "--allocator", "current", "--shapes", "2x32x8x8", "--no-networks", "--rounds", "5",
+                     "--min-seconds", "0", "--output", str(out)]) == 0
     names = set(json.loads(out.read_text())["cases"])
     for variant in ("cbam-fused-compiled", "cbam-fused-inductor", "se-compiled"):
         assert f"module/2x32x8x8/float32/fwd+bwd/{variant}" in names
