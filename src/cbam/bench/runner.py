@@ -178,7 +178,7 @@ def network_cases(model: str, batch: int, size: int, device, compile_networks: b
     for variant in NETWORK_VARIANTS:
         net = _network(variant, model, device)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-        compiled_ok = compile_networks and variant in ("plain", "se", "cbam-fused")
+        compiled_ok = compile_networks and variant in ("plain", "se", "cbam-reference", "cbam-fused")
         for label, m in [(variant, net)] + ([(f"{variant}-compiled", torch.compile(net))] if compiled_ok else []):
 
             def infer(m=m):
