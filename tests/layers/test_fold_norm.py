@@ -12,17 +12,12 @@ from torch import nn
 
 from cbam import CBAM, create_model
 from cbam.bench.runner import saved_bytes
-from cbam.layers import cbam_fused as fused_module
-from cbam.layers import fused_cpu
 from cbam.layers.cbam_fused import cbam_fused, norm_folds
 
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def native(monkeypatch):
-    assert fused_cpu.native_available(), fused_cpu.native_status()
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
+pytestmark = pytest.mark.usefixtures("native")
 
 
 def _pair(channels: int, dtype=torch.float32, seed: int = 0, cbam_kwargs=None, **bn_kwargs):

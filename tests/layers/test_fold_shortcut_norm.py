@@ -8,39 +8,24 @@ import copy
 
 import pytest
 import torch
+from batchnorm_helpers import randomise
 from torch import nn
 
 from cbam import CBAM, create_model
-from cbam.layers import cbam_fused as fused_module
-from cbam.layers import fused_cpu
 from cbam.layers.cbam_fused import cbam_fused
 from cbam.layers.memory import split_shortcut
 
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def native(monkeypatch):
-    assert fused_cpu.native_available(), fused_cpu.native_status()
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
-
-
-def _randomise(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """Weight, bias and running statistics far from BatchNorm's identity start."""
-    with torch.no_grad():
-        if norm.affine:
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.3, 0.3)
-        norm.running_mean.uniform_(-0.4, 0.4)
-        norm.running_var.uniform_(0.3, 2.0)
-    return norm
+pytestmark = pytest.mark.usefixtures("native")
 
 
 def _modules(channels: int, dtype=torch.float32, cbam_kwargs=None, **shortcut_kwargs):
     torch.manual_seed(0)
     m = CBAM(channels, reduction=4, **(cbam_kwargs or {})).to(dtype).eval()
-    bn = _randomise(nn.BatchNorm2d(channels)).to(dtype).eval()
-    sbn = _randomise(nn.BatchNorm2d(channels, **shortcut_kwargs)).to(dtype).eval()
+    bn = randomise(nn.BatchNorm2d(channels)).to(dtype).eval()
+    sbn = randomise(nn.BatchNorm2d(channels, **shortcut_kwargs)).to(dtype).eval()
     return m, bn, sbn
 
 
@@ -169,7 +154,7 @@ def test_split_shortcut():
     """Before a CBAM, torchvision's downsampling shortcut (conv1x1, BatchNorm2d) runs without its BatchNorm, which is
     handed back; an identity, another form, modules observed by hooks, or any other attention run it whole."""
     x = torch.randn(2, 4, 6, 6)
-    conv, norm = nn.Conv2d(4, 8, 1, stride=2, bias=False), _randomise(nn.BatchNorm2d(8)).eval()
+    conv, norm = nn.Conv2d(4, 8, 1, stride=2, bias=False), randomise(nn.BatchNorm2d(8)).eval()
     downsample, cbam = nn.Sequential(conv, norm), CBAM(8, reduction=4)
     assert split_shortcut(None, x, cbam) == (x, None)
     out, left = split_shortcut(downsample, x, cbam)
@@ -196,7 +181,7 @@ def test_networks_at_inference_give_the_same_numbers(name, fmt):
     fused = create_model(name, attention="cbam", num_classes=10).eval()
     for module in fused.modules():
         if isinstance(module, nn.BatchNorm2d):
-            _randomise(module)
+            randomise(module)
     separate = create_model(name, attention="cbam", num_classes=10, fuse_residual=False).eval()
     separate.load_state_dict(fused.state_dict())
     fused, separate = fused.to(memory_format=fmt), separate.to(memory_format=fmt)

@@ -12,16 +12,12 @@ import torch
 
 from cbam import CBAM
 from cbam.layers import cbam_fused as fused_module
-from cbam.layers import fused_cpu
 from cbam.layers.cbam_fused import cbam_fused
 
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def native(monkeypatch):
-    assert fused_cpu.native_available(), fused_cpu.native_status()
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
+pytestmark = pytest.mark.usefixtures("native")
 
 
 def _module(channels: int, seed: int = 0, **kwargs) -> CBAM:

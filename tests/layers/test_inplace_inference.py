@@ -6,30 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batchnorm_helpers import randomise
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 from cbam import CBAM, create_model
-from cbam.layers import cbam_fused as fused_module
-from cbam.layers import fused_cpu
 from cbam.layers.memory import residual_tail
 
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def native(monkeypatch):
-    assert fused_cpu.native_available(), fused_cpu.native_status()
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "native")
-
-
-def _randomise(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.3, 0.3)
-        norm.running_mean.uniform_(-0.4, 0.4)
-        norm.running_var.uniform_(0.3, 2.0)
-    return norm
+pytestmark = pytest.mark.usefixtures("native")
 
 
 def catch_output(module: nn.Module, caught: list[torch.Tensor]) -> None:
@@ -104,7 +91,7 @@ def test_in_place_operator_registration():
 
 def test_residual_tail_overwrites_x_only_at_inference_when_allowed():
     torch.manual_seed(0)
-    m, bn, sbn = CBAM(16, reduction=4).eval(), _randomise(nn.BatchNorm2d(16)).eval(), _randomise(nn.BatchNorm2d(16))
+    m, bn, sbn = CBAM(16, reduction=4).eval(), randomise(nn.BatchNorm2d(16)).eval(), randomise(nn.BatchNorm2d(16))
     sbn.eval()
     y, s = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
     expected = torch.relu(m.forward_reference(bn(y)) + sbn(s)).detach()
@@ -147,7 +134,7 @@ def test_a_hooked_convolution_keeps_its_output(name, conv, after):
     net = create_model(name, attention="cbam", num_classes=10).eval()
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
-            _randomise(module)
+            randomise(module)
     x = torch.randn(2, 3, 32, 32)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     block = next(b for b in net.modules() if hasattr(b, conv) and any(hasattr(b, a) for a in ("attn", "attn_pw")))
@@ -178,7 +165,7 @@ def test_compiled_network_runs_the_operator_in_place():
     net = create_model("resnet18", attention="cbam", num_classes=10).eval()
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
-            _randomise(module)
+            randomise(module)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = net(x)
