@@ -1097,7 +1097,8 @@ Tensor inference(const Tensor& x, const Tensor& w1, const std::optional<Tensor>&
   const auto in_ab = folded_affine(in_scale, in_shift, x3, s.c);
   const auto res_ab = folded_affine(res_scale, res_shift, x3, s.c, "residual");
   TORCH_CHECK(res.defined() || !res_ab.first, "cbam_cpu: a residual scale and shift need a residual");
-  const bool in_place = into_x && x3.is_same(x) && (!res.defined() || at::get_overlap_status(x3, res) == at::MemOverlapStatus::No);
+  const bool in_place =
+      into_x && x3.is_same(x) && (!res.defined() || at::get_overlap_status(x3, res) == at::MemOverlapStatus::No);
   Tensor out = in_place ? x3 : at::empty_like(x3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "forward_inference", [&] {
     using acc_t = at::opmath_type<scalar_t>;
