@@ -1,5 +1,6 @@
 """cbam: the Convolutional Block Attention Module (Woo et al., ECCV 2018) for PyTorch."""
 
+from .fused import fuse, unfuse
 from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
 from .models import create_model, list_models, register_model
 
@@ -13,7 +14,9 @@ __all__ = [
     "SpatialGate",
     "create_attn",
     "create_model",
+    "fuse",
     "get_attn",
     "list_models",
     "register_model",
+    "unfuse",
 ]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam import CBAM, ChannelGate, SpatialGate
-from cbam.layers import PRESETS
+from cbam.layers import PRESETS, dispatch, reference_only
 
 
 def _set(param: torch.Tensor, values) -> None:
@@ -346,39 +346,39 @@ def test_bad_channel_count():
         CBAM(0)
 
 
-@pytest.mark.parametrize("formulation", ["native", "eager"])
-def test_fused_by_default_and_without_gradients_only_with_the_native_kernels(monkeypatch, formulation):
-    """Without gradients, the fused path composed of PyTorch operators is no faster than the reference composition
-    (which the module then uses); the native CPU kernels are, and serve both cases."""
-    import cbam.layers.cbam_fused as fused
-
-    calls = []
-    original = fused.cbam_fused
-    monkeypatch.setattr(fused, "cbam_fused", lambda m, x: calls.append(1) or original(m, x))
-    monkeypatch.setattr(fused, "_PATH_OVERRIDE", formulation)
-    m = CBAM(16, 4)
-    x = torch.randn(2, 16, 5, 5)
-    out = m(x)
-    assert calls == [1] and m.implementation == "fused"
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), out)
-    assert calls == ([1, 1] if formulation == "native" else [1])
-    assert CBAM(16, 4, implementation="reference").implementation == "reference"
-
-
-def test_residual_relu_is_the_block_tail_and_hooks_still_see_the_module_output():
+# ---------------------------------------------------------------- dispatch
+def test_forward_dispatches_by_device_to_the_registered_kernel(monkeypatch):
+    """CBAM.forward runs the kernel registered for its input's device type; a kernel returning None, or
+    reference_only(), leaves the call to the reference path, which forward_reference always computes."""
+    monkeypatch.setattr(dispatch, "_KERNELS", {})  # this test's registrations end with it
     torch.manual_seed(9)
     m = CBAM(16, 4)
-    x, shortcut = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
-    expected = torch.relu(m.forward_reference(x) + shortcut)
-    torch.testing.assert_close(m.residual_relu(x, shortcut), expected)  # fused: addition and ReLU inside
-    seen = []
-    handle = m.register_forward_hook(lambda mod, args, out: seen.append(out))
-    torch.testing.assert_close(m.residual_relu(x, shortcut), expected)
-    handle.remove()
-    assert len(seen) == 1  # observed: the module ran on its own, and the hook saw CBAM's output
-    torch.testing.assert_close(seen[0], m.forward_reference(x))
-    unfused = CBAM(16, 4, fuse_residual=False)
-    unfused.load_state_dict(m.state_dict())
-    torch.testing.assert_close(unfused.residual_relu(x, shortcut), expected)
-    assert "fuse_residual=False" in repr(unfused)
+    x = torch.randn(2, 16, 5, 5)
+    expected = m.forward_reference(x)
+    calls = []
+
+    def kernel(module, t):
+        calls.append((module, t))
+        return None if len(calls) == 1 else torch.zeros_like(t)
+
+    dispatch.register_kernel("meta", kernel)  # another device's kernel is not asked
+    torch.testing.assert_close(m(x), expected, rtol=0, atol=0)
+    dispatch.register_kernel("cpu", kernel)
+    assert dispatch.registered_kernels() == {"meta": kernel, "cpu": kernel}
+    torch.testing.assert_close(m(x), expected, rtol=0, atol=0)  # the kernel declined
+    assert torch.equal(m(x), torch.zeros_like(x)) and calls[-1] == (m, x)
+    with reference_only():
+        torch.testing.assert_close(m(x), expected, rtol=0, atol=0)
+    assert len(calls) == 2
+    torch.testing.assert_close(m.forward_reference(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected 16 channels"):  # inputs are checked before any kernel runs
+        m(torch.randn(2, 8, 5, 5))
+    assert len(calls) == 2
+
+
+def test_register_kernel_checks_its_arguments(monkeypatch):
+    monkeypatch.setattr(dispatch, "_KERNELS", {})
+    with pytest.raises(TypeError, match="expected a device type"):
+        dispatch.register_kernel("", lambda m, x: None)
+    with pytest.raises(TypeError, match="expected a callable"):
+        dispatch.register_kernel("cpu", None)

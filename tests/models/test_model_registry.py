@@ -52,8 +52,8 @@ def test_attention_kwargs_without_attention_is_one_clear_error():
     with pytest.raises(ValueError, match=r"reduction is an attention option but attention is None") as info:
         create_model("resnet18", reduction=8)
     assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match=r"implementation, reduction are attention options but attention is None"):
-        create_model("resnet18", reduction=8, implementation="fused")
+    with pytest.raises(ValueError, match=r"kernel_size, reduction are attention options but attention is None"):
+        create_model("resnet18", reduction=8, kernel_size=3)
 
 
 def test_unknown_keyword_names_both_option_sets():
@@ -61,6 +61,9 @@ def test_unknown_keyword_names_both_option_sets():
         create_model("resnet18", attention="cbam", bogus=1)
     with pytest.raises(ValueError, match="kernel_size"):  # SE has no spatial kernel
         create_model("resnet18", attention="se", kernel_size=3)
+    for how in ("implementation", "memory_efficient", "fuse_residual"):  # how CBAM runs is no option of the network
+        with pytest.raises(ValueError, match=rf"unknown keyword\(s\) {how}"):
+            create_model("resnet18", attention="cbam", **{how: True})
 
 
 def test_unknown_attention():

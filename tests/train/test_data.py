@@ -1,5 +1,5 @@
 """Tests for cbam.train.data: every dataset family loads from files in torchvision's own layout (written here,
-since nothing can be downloaded), and every bad input is a one-line UsageError naming what was expected."""
+since nothing can be downloaded), and every bad input is a one-line ValueError naming what was expected."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import datasets
 
-from cbam.errors import UsageError
 from cbam.train.data import (
     DATASETS,
     SYNTHETIC_MEAN,
@@ -141,7 +140,7 @@ def test_augment_none_gives_training_the_validation_transform():
     ],
 )
 def test_synthetic_bad_arguments(kwargs, words):
-    with pytest.raises(UsageError, match=words) as err:
+    with pytest.raises(ValueError, match=words) as err:
         build_datasets(
             "synthetic", None, synthetic_train_size=kwargs.pop("synthetic_train_size", 4), **kwargs
         )
@@ -172,14 +171,14 @@ def test_mnist_resized(tmp_path, fake_mnist):
 
 
 def test_mnist_missing_files_name_the_expected_path(tmp_path):
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValueError) as err:
         build_datasets("mnist", tmp_path)
     msg = str(err.value)
     assert f"expected {tmp_path / 'MNIST' / 'raw'}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte" in msg
     assert "--download" in msg
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
     (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x00")
-    with pytest.raises(UsageError, match="missing train-images-idx3-ubyte, t10k-images"):
+    with pytest.raises(ValueError, match="missing train-images-idx3-ubyte, t10k-images"):
         build_datasets("mnist", tmp_path)
     assert "\n" not in msg
 
@@ -187,7 +186,7 @@ def test_mnist_missing_files_name_the_expected_path(tmp_path):
 def test_mnist_unreadable_file(tmp_path, fake_mnist):
     fake_mnist(tmp_path, "MNIST")
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08")
-    with pytest.raises(UsageError, match="cannot be read"):
+    with pytest.raises(ValueError, match="cannot be read"):
         build_datasets("mnist", tmp_path)
 
 
@@ -255,7 +254,7 @@ def test_cifar_from_pickled_batches(tmp_path, monkeypatch, name, cls, n_train):
     [("cifar10", "cifar-10-batches-py", "data_batch_1"), ("cifar100", "cifar-100-python", "train")],
 )
 def test_cifar_missing_files_name_the_expected_path(tmp_path, name, folder, first_file):
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValueError) as err:
         build_datasets(name, tmp_path)
     msg = str(err.value)
     assert f"expected {tmp_path / folder}" in msg and first_file in msg and "--download" in msg
@@ -266,7 +265,7 @@ def test_cifar_missing_files_name_the_expected_path(tmp_path, name, folder, firs
 def test_cifar_corrupt_file_is_named(tmp_path, monkeypatch):
     _fake_cifar(tmp_path, monkeypatch, datasets.CIFAR10)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
-    with pytest.raises(UsageError, match="data_batch_3 failed the md5 check"):
+    with pytest.raises(ValueError, match="data_batch_3 failed the md5 check"):
         build_datasets("cifar10", tmp_path)
 
 
@@ -276,20 +275,20 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
     target = tmp_path / "new"
-    with pytest.raises(UsageError, match=r"none of them is there; the download failed \(URLError") as err:
+    with pytest.raises(ValueError, match=r"none of them is there; the download failed \(URLError") as err:
         build_datasets("cifar10", target, download=True)
     assert target.is_dir() and "\n" not in str(err.value)  # --download creates the directory
 
 
 @pytest.mark.parametrize("data_dir", [None, "does-not-exist"])
 def test_missing_data_dir(tmp_path, data_dir):
-    with pytest.raises(UsageError, match="data directory") as err:
+    with pytest.raises(ValueError, match="data directory") as err:
         build_datasets("cifar10", None if data_dir is None else tmp_path / data_dir)
     assert "cifar-10-batches-py" in str(err.value)
 
 
 def test_unknown_dataset_lists_the_choices():
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValueError) as err:
         build_datasets("imagenet-21k", None)
     assert all(name in str(err.value) for name in DATASETS)
 
@@ -330,7 +329,7 @@ def test_imagefolder_bad_image_stop_names_the_file(tmp_path, kind):
         good = (tmp_path / "train" / "cat" / "img0.png").read_bytes()
         bad.write_bytes(good[: len(good) // 2])
     train, _, _ = build_datasets("imagefolder", tmp_path, image_size=32)
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValueError) as err:
         list(build_loader(train, batch_size=2, train=False))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
@@ -338,7 +337,7 @@ def test_imagefolder_bad_image_stop_names_the_file(tmp_path, kind):
 def test_imagefolder_bad_image_stop_from_a_worker_is_still_one_line(tmp_path):
     bad = _fake_imagefolder(tmp_path)
     train, _, _ = build_datasets("imagefolder", tmp_path, image_size=32)
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValueError) as err:
         list(build_loader(train, batch_size=2, train=False, workers=1))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
@@ -356,13 +355,13 @@ def test_imagefolder_bad_image_skip_records_the_file(tmp_path, workers):
 
 def test_imagefolder_class_mismatch(tmp_path):
     _fake_imagefolder(tmp_path, classes=("cat", "dog"), val_classes=("cat", "fox"))
-    with pytest.raises(UsageError, match="only in train: dog; only in val: fox"):
+    with pytest.raises(ValueError, match="only in train: dog; only in val: fox"):
         build_datasets("imagefolder", tmp_path)
 
 
 def test_imagefolder_missing_split(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(UsageError, match=r"expected .*train/<class>/<image>.*val is missing"):
+    with pytest.raises(ValueError, match=r"expected .*train/<class>/<image>.*val is missing"):
         build_datasets("imagefolder", tmp_path)
 
 
@@ -380,7 +379,7 @@ def _order(loader) -> list[int]:
 
 
 def test_loader_batch_larger_than_the_data():
-    with pytest.raises(UsageError, match="batch size 512 is larger than the 100 training images"):
+    with pytest.raises(ValueError, match="batch size 512 is larger than the 100 training images"):
         build_loader(_indices(100), batch_size=512, train=True)
     assert len(build_loader(_indices(100), batch_size=512, train=False)) == 1  # validation keeps every image
 
@@ -446,5 +445,5 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
     [{"batch_size": 0}, {"batch_size": 2, "workers": -1}, {"batch_size": 2.5}, {"batch_size": 5, "world_size": 2}],
 )
 def test_loader_bad_numbers(kwargs):
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         build_loader(_indices(20), train=True, **kwargs)

@@ -45,7 +45,7 @@ def module_tables(result: dict[str, Any]) -> list[str]:
 
 
 def _variant_order(v: str) -> tuple[int, str]:
-    order = ["cbam-reference", "cbam-fused", "cbam-fused-compiled", "cbam-fused-inductor", "se", "se-compiled",
+    order = ["cbam-reference", "cbam-fused", "cbam-fused-compiled", "se", "se-compiled",
              "timm-cbam", "timm-cbam-compiled", "plain", "plain-compiled", "cbam-fused-no-tail",
              "cbam-fused-memory-efficient"]
     return (order.index(v) if v in order else len(order), v)

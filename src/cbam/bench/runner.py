@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CBAM, SE
-from ..layers import cbam_fused as fused_module
-from ..layers.cbam_fused import cbam_fused
-from ..layers.fused_cpu import native_status
+from ..fused import fuse as fuse_model
+from ..fused import native
+from ..layers import CBAM, SE, reference_only
 from ..models import create_model
 
 MODULE_SHAPES = {
@@ -78,44 +77,22 @@ def saved_bytes(step: Callable[[], Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ cases
-class _FusedOnly(nn.Module):
-    """CBAM through its fused path even without gradients (without the native CPU kernels the module itself would
-    use the reference composition there). ``formulation`` pins one formulation of the fused path for this module's
-    calls (``"traced"``: the plain expressions Inductor compiles, instead of the native kernels)."""
-
-    def __init__(self, channels: int, formulation: str | None = None) -> None:
-        super().__init__()
-        self.cbam = CBAM(channels, implementation="fused")
-        self.formulation = formulation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cbam_fused(self.cbam, x)
-
-
-def _pinned(fn: Callable[[], Any], formulation: str | None) -> Callable[[], Any]:
-    """fn with the fused path's formulation pinned while it runs (and compiles)."""
-    if formulation is None:
-        return fn
+def _under_reference(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn with every CBAM module computing its reference path while it runs (and compiles)."""
 
     def run():
-        previous = fused_module._PATH_OVERRIDE
-        fused_module._PATH_OVERRIDE = formulation
-        try:
+        with reference_only():
             return fn()
-        finally:
-            fused_module._PATH_OVERRIDE = previous
 
     return run
 
 
-def _module_variants(channels: int, timm_ok: bool, native: bool) -> dict[str, Callable[[], nn.Module]]:
+def _module_variants(channels: int, timm_ok: bool) -> dict[str, Callable[[], nn.Module]]:
     variants: dict[str, Callable[[], nn.Module]] = {
-        "cbam-reference": lambda: CBAM(channels, implementation="reference"),
-        "cbam-fused": lambda: _FusedOnly(channels),
+        "cbam-reference": lambda: CBAM(channels),  # timed under reference_only()
+        "cbam-fused": lambda: CBAM(channels),  # as dispatched: the CPU kernels where they serve
         "se": lambda: SE(channels),
     }
-    if native:  # compiled, the fused path also has Inductor's own lowering of its plain formulation
-        variants["cbam-fused-inductor"] = lambda: _FusedOnly(channels, "traced")
     if timm_ok:
         from timm.layers.cbam import CbamModule
 
@@ -123,7 +100,7 @@ def _module_variants(channels: int, timm_ok: bool, native: bool) -> dict[str, Ca
     return variants
 
 
-def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool, native: bool) -> list[Case]:
+def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool) -> list[Case]:
     cases: list[Case] = []
     for shape in shapes:
         for dtype in dtypes:
@@ -132,12 +109,12 @@ def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool, n
             y = torch.empty_like(x)
             grad = torch.randn_like(x)
             cases.append(Case(f"module/{tag}/copy", lambda x=x, y=y: y.copy_(x), f"module/{tag}"))
-            for name, make in _module_variants(shape[1], timm_ok, native).items():
+            for name, make in _module_variants(shape[1], timm_ok).items():
                 module = make().to(device=device, dtype=dtype)
-                formulation = getattr(module, "formulation", None)
-                runs = [] if formulation else [(name, module)]
+                wrap = _under_reference if name == "cbam-reference" else (lambda fn: fn)
+                runs = [(name, module)]
                 if compile_modules and name != "cbam-reference":
-                    runs.append((f"{name}-compiled" if not formulation else name, torch.compile(copy.deepcopy(module))))
+                    runs.append((f"{name}-compiled", torch.compile(copy.deepcopy(module))))
                 for label, m in runs:
                     xg = x.clone().requires_grad_(True)
 
@@ -149,34 +126,46 @@ def module_cases(shapes, dtypes, device, compile_modules: bool, timm_ok: bool, n
                         m(xg).backward(grad)
                         xg.grad = None
 
-                    cases.append(Case(f"module/{tag}/fwd/{label}", _pinned(fwd, formulation), f"module/{tag}"))
-                    cases.append(Case(f"module/{tag}/fwd+bwd/{label}", _pinned(fwd_bwd, formulation), f"module/{tag}"))
+                    cases.append(Case(f"module/{tag}/fwd/{label}", wrap(fwd), f"module/{tag}"))
+                    cases.append(Case(f"module/{tag}/fwd+bwd/{label}", wrap(fwd_bwd), f"module/{tag}"))
     return cases
 
 
+# variant -> (attention, how it runs): "as built" (CBAM modules dispatched per call: the CPU kernels), "reference"
+# (reference_only()), "fused" (cbam.fuse: folded BatchNorms and residual tail) or "fused-memory-efficient"
 NETWORK_VARIANTS = {
-    "plain": {"attention": None},
-    "se": {"attention": "se"},
-    "cbam-reference": {"attention": "cbam", "implementation": "reference"},
-    "cbam-fused": {"attention": "cbam", "implementation": "fused"},
-    # the block's last BatchNorm, addition and ReLU left to the block (what fuse_residual buys, see the README)
-    "cbam-fused-no-tail": {"attention": "cbam", "implementation": "fused", "fuse_residual": False},
-    "cbam-fused-memory-efficient": {"attention": "cbam", "implementation": "fused", "memory_efficient": True},
+    "plain": (None, "as built"),
+    "se": ("se", "as built"),
+    "cbam-reference": ("cbam", "reference"),
+    "cbam-fused": ("cbam", "fused"),
+    # the last BatchNorm, addition and ReLU left to the block: what cbam.fuse buys on top of the module's kernels
+    "cbam-fused-no-tail": ("cbam", "as built"),
+    "cbam-fused-memory-efficient": ("cbam", "fused-memory-efficient"),
 }
 
 
-def _network(variant: str, model: str, device) -> nn.Module:
+def _network(variant: str, model: str, device, fuse: bool, log: Callable[[str], None]) -> nn.Module:
     torch.manual_seed(0)
-    return create_model(model, num_classes=1000, **NETWORK_VARIANTS[variant]).to(device)
+    attention, how = NETWORK_VARIANTS[variant]
+    net = create_model(model, num_classes=1000, attention=attention).to(device)
+    if how.startswith("fused") and (fuse or how == "fused-memory-efficient"):
+        changed = fuse_model(net, memory_efficient=how == "fused-memory-efficient")
+        log(f"cbam.fuse({variant}): {len(changed)} blocks fused")
+    return net
 
 
-def network_cases(model: str, batch: int, size: int, device, compile_networks: bool) -> tuple[list[Case], dict]:
+def network_cases(
+    model: str, batch: int, size: int, device, compile_networks: bool, fuse: bool = True, log: Callable = print
+) -> tuple[list[Case], dict]:
     cases: list[Case] = []
     memory: dict[str, dict[str, int]] = {}
     x = torch.randn(batch, 3, size, size, device=device)
     target = torch.randint(0, 1000, (batch,), device=device)
-    for variant in NETWORK_VARIANTS:
-        net = _network(variant, model, device)
+    for variant, (_, how) in NETWORK_VARIANTS.items():
+        if not fuse and variant == "cbam-fused-no-tail":
+            continue  # without fusion it is the cbam-fused network
+        net = _network(variant, model, device, fuse, log)
+        wrap = _under_reference if how == "reference" else (lambda fn: fn)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
         compiled_ok = compile_networks and variant in ("plain", "se", "cbam-reference", "cbam-fused")
         for label, m in [(variant, net)] + ([(f"{variant}-compiled", torch.compile(net))] if compiled_ok else []):
@@ -192,8 +181,8 @@ def network_cases(model: str, batch: int, size: int, device, compile_networks: b
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            cases.append(Case(f"network/{model}/inference/{label}", infer, f"network/{model}/inference"))
-            cases.append(Case(f"network/{model}/train-step/{label}", train_step, f"network/{model}/train-step"))
+            cases.append(Case(f"network/{model}/inference/{label}", wrap(infer), f"network/{model}/inference"))
+            cases.append(Case(f"network/{model}/train-step/{label}", wrap(train_step), f"network/{model}/train-step"))
         net.train()
 
         def one_step(net=net):
@@ -202,7 +191,7 @@ def network_cases(model: str, batch: int, size: int, device, compile_networks: b
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        memory[variant] = {"saved_bytes": saved_bytes(one_step)}
+        memory[variant] = {"saved_bytes": saved_bytes(wrap(one_step))}
         if device.type == "cuda":
             memory[variant]["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         net.zero_grad(set_to_none=True)
@@ -237,9 +226,15 @@ def run_benchmark(
     network_size: int = 224,
     compile_modules: bool = True,
     compile_networks: bool = False,
+    fuse: bool = True,
+    allocator: str = "unknown",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Time every case in ``rounds`` interleaved rounds after one warm-up round; return all figures."""
+    """Time every case in ``rounds`` interleaved rounds after one warm-up round; return all figures.
+
+    ``fuse``: apply ``cbam.fuse`` to the CBAM networks where it serves. ``allocator`` is the glibc setting this
+    process was started with, as the caller knows it (reported, never changed here).
+    """
     dev = torch.device(device)
     dtype_map = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     try:
@@ -250,13 +245,19 @@ def run_benchmark(
         timm_ok = False
     cases: list[Case] = []
     memory: dict[str, Any] = {}
-    fused = native_status() if dev.type == "cpu" else "CUDA: PyTorch operators (eager), Inductor/Triton (compiled)"
-    native = fused == "loaded"
+    if dev.type == "cpu":
+        native.load()  # build before anything is timed
+        fused = native.native_status()
+    else:
+        fused = f"no kernel registered for {dev.type}: CBAM computes its reference path"
     if modules:
         shapes = shapes or MODULE_SHAPES["quick" if quick else "full"]
-        cases += module_cases(shapes, [dtype_map[d] for d in dtypes], dev, compile_modules, timm_ok, native)
+        cases += module_cases(shapes, [dtype_map[d] for d in dtypes], dev, compile_modules, timm_ok)
     if networks:
-        net_cases, memory = network_cases(network_model, network_batch, network_size, dev, compile_networks)
+        fuse = fuse and dev.type == "cpu"  # on other devices only the memory-efficient variant is fused
+        net_cases, memory = network_cases(
+            network_model, network_batch, network_size, dev, compile_networks, fuse=fuse, log=log
+        )
         cases += net_cases
     log(f"warming up {len(cases)} cases (compiling where asked) ...")
     with _every_case_compiles(len(cases)):
@@ -273,7 +274,7 @@ def run_benchmark(
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "allocator": allocator_setting(),
+        "allocator": allocator,
         "fused_cpu_kernels": fused,
         "rounds": rounds,
         "timm": timm_ok,
@@ -281,15 +282,3 @@ def run_benchmark(
                            "group": c.group} for c in cases},
         "memory": memory,
     }
-
-
-TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "100000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
-
-
-def allocator_setting() -> str:
-    """'tuned' when glibc keeps freed large blocks (our setting), 'default' otherwise, as the process started."""
-    if all(os.environ.get(k) == v for k, v in TUNED_ENV.items()):
-        return "tuned"
-    if any(k in os.environ for k in TUNED_ENV) or "LD_PRELOAD" in os.environ:
-        return "custom"
-    return "default"

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_choice, check_feature_map, check_odd_kernel, check_positive_int, make_act, make_gate
+from .dispatch import kernel_for
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
-IMPLEMENTATIONS = ("fused", "reference")
 ARRANGEMENTS = ("channel_first", "spatial_first", "parallel")
 SPATIAL_COMPRESSIONS = ("pool", "conv")
 
@@ -201,18 +201,6 @@ class SpatialGate(nn.Module):
         return f"compress={self.compress_mode!r}"
 
 
-def _observed(module: nn.Module) -> bool:
-    """True if forward hooks (the module's own or global ones) would see the module's call."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-    )
-
-
 class CBAM(nn.Module):
     """Convolutional Block Attention Module: channel gate (``channel``) then spatial gate (``spatial``).
 
@@ -229,19 +217,11 @@ class CBAM(nn.Module):
             the same input, applied as one sigmoid of the summed logits).
         spatial_norm, spatial_bias, mlp_bias, bn_momentum: the details the implementations disagree on.
         act_layer: hidden activation of the MLP; gate: ``"sigmoid"`` (paper), ``"hard_sigmoid"`` or a class.
-        implementation: ``"fused"`` (default: one custom autograd function that reads the input about three
-            times and keeps only the input for backward, see ``cbam_fused.py``; on the CPU through hand-written
-            kernels, ``fused_cpu.py``) or ``"reference"`` (the
-            readable composition of the gates). Configurations the fused path cannot serve (lp / lse pools,
-            conv compression, other arrangements, activations or gates) use the reference path; the module's
-            ``implementation`` and ``fallback_reason`` attributes and its repr say so.
-        memory_efficient: inside the package's networks, recompute the block's last BatchNorm and this module
-            in the backward pass instead of keeping their outputs (see ``memory.py``).
-        fuse_residual: inside the package's residual blocks, the fused path also performs what surrounds the
-            module (:meth:`residual_relu`): the block's last BatchNorm, folded into the CPU kernels' reads, and the
-            tail ``relu(cbam(x) + shortcut)``, in the output pass; the same numbers, with the normalised map never
-            stored and one pass over the block's output instead of three. ``False`` leaves the BatchNorm, the
-            addition and the ReLU to the block.
+
+    The constructor takes only what defines the function. How it is computed is decided per call by the input's
+    device (``cbam.layers.dispatch``): on the CPU the fused kernels of ``cbam.fused`` where they serve the
+    configuration and dtype (built on the first CPU call), the reference path (:meth:`forward_reference`) elsewhere.
+    Both give the same numbers; ``with cbam.layers.reference_only():`` forces the reference path.
     """
 
     def __init__(
@@ -262,16 +242,10 @@ class CBAM(nn.Module):
         bn_momentum: float | None = None,
         act_layer: str | type[nn.Module] = "relu",
         gate: str | type[nn.Module] = "sigmoid",
-        implementation: str = "fused",
-        memory_efficient: bool = False,
-        fuse_residual: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         p = PRESETS[check_choice(name, "preset", preset, tuple(PRESETS))]
-        self.requested_implementation = check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
-        self.memory_efficient = bool(memory_efficient)
-        self.fuse_residual = bool(fuse_residual)
         self.preset = preset
         self.channels = check_positive_int(name, "channels", channels)
         self.arrangement = check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
@@ -303,15 +277,6 @@ class CBAM(nn.Module):
         )
         self.gate = make_gate(name, gate)
         self.reset_parameters(p.init)
-        from .cbam_fused import fused_supported
-
-        #: why the fused path cannot serve this configuration (None: it does); see ``implementation``
-        self.fallback_reason = fused_supported(self) if implementation == "fused" else None
-        self.implementation = "fused" if implementation == "fused" and self.fallback_reason is None else "reference"
-        if self.implementation == "fused":
-            from .fused_cpu import native_available
-
-            native_available()  # build / load the CPU kernels now, outside any torch.compile tracing
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "release") -> None:
@@ -340,68 +305,21 @@ class CBAM(nn.Module):
             if init == "release":
                 nn.init.zeros_(norm.weight)
 
-    def _fused_serves(self, x: torch.Tensor) -> bool:
-        # Composed of PyTorch operators, the fused path pays off when autograd would keep the reference path's
-        # intermediates; with gradients off nothing is kept and the reference composition measured as fast or
-        # faster (cbam bench, CPU). The hand-written CPU kernels are faster in both cases.
-        # Under torch.compile with autocast on, Dynamo loses the autocast state around the fused function's
-        # float32 region (the network's next convolution then sees bf16 inputs with fp32 weights); the
-        # reference path is used there until that is solved. Eager autocast uses the fused path.
-        if self.implementation != "fused":
-            return False
-        from .cbam_fused import fused_path
-
-        if torch.compiler.is_compiling() and torch.is_autocast_enabled(x.device.type):
-            return False
-        return torch.is_grad_enabled() or fused_path(x) == "native"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_serves(x):
-            from .cbam_fused import cbam_fused
-
-            return cbam_fused(self, x)
-        return self.forward_reference(x)
-
-    def residual_relu(
-        self,
-        x: torch.Tensor,
-        shortcut: torch.Tensor,
-        norm: nn.Module | None = None,
-        shortcut_norm: nn.Module | None = None,
-        inplace: bool = False,
-    ) -> torch.Tensor:
-        """``relu(self(norm(x)) + shortcut_norm(shortcut))``: the end of a residual block whose residual branch ends
-        with ``norm`` (optional, usually the block's last BatchNorm) and this module, and whose shortcut ends with
-        ``shortcut_norm`` (optional, the BatchNorm of a downsampling shortcut).
-
-        With ``fuse_residual`` the fused path takes all of it: on the CPU kernels the BatchNorm is applied while the
-        kernels read ``x`` (:func:`~cbam.layers.cbam_fused.norm_folds` says when), the shortcut's BatchNorm at
-        inference while the output pass reads the shortcut, and the block's output is written in the module's own
-        output pass (for a shortcut of x's shape and dtype). Otherwise the BatchNorms, the module, the addition and the
-        ReLU run one after the other. Forward hooks on this module (or on either BatchNorm) see their module's own
-        output either way: while any is registered, the module runs on its own. With ``inplace`` (nothing else holds
-        ``x``), the fused path's inference operator writes the result over ``x``."""
-        fits = shortcut.shape == x.shape and shortcut.dtype == x.dtype and shortcut.device == x.device
-        if self.fuse_residual and fits and not _observed(self) and self._fused_serves(x):
-            from .cbam_fused import cbam_fused
-
-            return cbam_fused(self, x, residual=shortcut, norm=norm, residual_norm=shortcut_norm, inplace=inplace)
-        shortcut = shortcut if shortcut_norm is None else shortcut_norm(shortcut)
-        return torch.relu(self(x if norm is None else norm(x)) + shortcut)
-
-    def norm_forward(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
-        """``self(norm(x))``, for a module placed right after a BatchNorm (MobileNet's layers): with
-        ``fuse_residual`` the CPU kernels fold the BatchNorm into their reads, as :meth:`residual_relu` does, and
-        with ``inplace`` (nothing else holds ``x``) the inference operator writes the result over ``x``."""
-        if self.fuse_residual and not _observed(self) and self._fused_serves(x):
-            from .cbam_fused import cbam_fused
-
-            return cbam_fused(self, x, norm=norm, inplace=inplace)
-        return self(norm(x))
+        check_feature_map(type(self).__name__, x, self.channels)
+        kernel = kernel_for(x)
+        if kernel is not None:
+            out = kernel(self, x)
+            if out is not None:
+                return out
+        return self._reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The readable path, composed of the two gates; the fused path is tested against it."""
+        """The readable path, composed of the two gates; every kernel is tested against it."""
         check_feature_map(type(self).__name__, x, self.channels)
+        return self._reference(x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial is None:
             return x * self.channel.gate(self.channel.logits(x))
         if self.arrangement == "channel_first":
@@ -413,9 +331,4 @@ class CBAM(nn.Module):
         return x * self.gate(self.channel.logits(x) + self.spatial.logits(x))
 
     def extra_repr(self) -> str:
-        text = f"{self.channels}, preset={self.preset!r}, arrangement={self.arrangement!r}, "
-        text += f"implementation={self.implementation!r}"
-        if self.fallback_reason:
-            text += f" (fused path unavailable: {self.fallback_reason})"
-        text += ", memory_efficient=True" if self.memory_efficient else ""
-        return text + (", fuse_residual=False" if not self.fuse_residual else "")
+        return f"{self.channels}, preset={self.preset!r}, arrangement={self.arrangement!r}"

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ..errors import UsageError
 from ..layers import attention_name, get_attn
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
@@ -61,14 +60,14 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
-def _unknown(name: str) -> UsageError:
+def _unknown(name: str) -> ValueError:
     close = difflib.get_close_matches(str(name), _MODELS, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(list_models())}"
-    return UsageError(f"unknown model {name!r}; {hint}")
+    return ValueError(f"unknown model {name!r}; {hint}")
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
-    """The registered builder for ``name`` (UsageError, a ValueError, naming close matches if unknown)."""
+    """The registered builder for ``name`` (a ValueError naming close matches if unknown)."""
     if name not in _MODELS:
         raise _unknown(name)
     return _MODELS[name]
@@ -132,14 +131,14 @@ def create_model(
         accepted = _attn_kwarg_names(attention)
         if attn == "none":
             options = ", ".join(sorted(model_names))
-            raise UsageError(
+            raise ValueError(
                 f"create_model({name!r}): {', '.join(sorted(attn_kw))} "
                 f"{'is an attention option' if len(attn_kw) == 1 else 'are attention options'} but attention "
                 f"is None; pass attention='cbam', 'se' or 'bam' (network options: {options})"
             )
         unknown = sorted(set(attn_kw) - accepted) if accepted is not None else []
         if unknown:
-            raise UsageError(
+            raise ValueError(
                 f"create_model({name!r}): unknown keyword(s) {', '.join(unknown)}; network options: "
                 f"{', '.join(sorted(model_names))}; {attn} options: {', '.join(sorted(accepted or ()))}"
             )
@@ -147,10 +146,11 @@ def create_model(
         model_kw["num_classes"] = num_classes
     try:
         model = builder(attention=attention, attn_kwargs=attn_kw, **model_kw)
-    except UsageError:
-        raise
-    except ValueError as exc:  # a module refused its configuration: still a ValueError, now one CLI line
-        raise UsageError(f"create_model({name!r}): {exc}") from None
+    except ValueError as exc:  # a module refused its configuration: say which model, in one line
+        message = str(exc)
+        if not message.startswith("create_model("):
+            message = f"create_model({name!r}): {message}"
+        raise ValueError(message) from None
     model.model_name = name
     model.attention = attn
     model.model_kwargs = dict(model_kw)

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.memory import residual_tail, unobserved
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -67,9 +66,12 @@ class CifarBasicBlock(nn.Module):
         self.shortcut = ShortcutA(in_ch, out_ch, stride) if stride != 1 or in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.conv2(out)
-        return residual_tail(self.bn2, self.attn, out, self.shortcut(x), inplace=unobserved(self.conv2))
+        out = self.bn2(self.conv2(out))
+        out = self.attn(out)
+        out = out + shortcut
+        return self.relu(out)
 
 
 class CifarResNet(nn.Module):

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.memory import norm_then_attention, unobserved
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -88,10 +87,8 @@ class DepthwiseSeparable(nn.Module):
         self.act_pw = nn.ReLU(inplace=attn_layer is None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_dw(x)
-        x = self.act_dw(norm_then_attention(self.bn_dw, self.attn_dw, x, inplace=unobserved(self.conv_dw)))
-        x = self.conv_pw(x)
-        return self.act_pw(norm_then_attention(self.bn_pw, self.attn_pw, x, inplace=unobserved(self.conv_pw)))
+        x = self.act_dw(self.attn_dw(self.bn_dw(self.conv_dw(x))))
+        return self.act_pw(self.attn_pw(self.bn_pw(self.conv_pw(x))))
 
 
 class MobileNetV1(nn.Module):
@@ -157,9 +154,11 @@ class MobileNetV1(nn.Module):
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self, skip=(attn_cls,) if attn_cls is not None else ())
 
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_stem(self.attn_stem(self.bn_stem(self.conv_stem(x))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_stem(x)
-        x = self.act_stem(norm_then_attention(self.bn_stem, self.attn_stem, x, inplace=unobserved(self.conv_stem)))
+        x = self.forward_stem(x)
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self._bam_after:

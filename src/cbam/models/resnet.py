@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.memory import residual_tail, split_shortcut, unobserved
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
@@ -66,10 +65,12 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut, shortcut_norm = split_shortcut(self.downsample, x, self.attn)
+        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.conv2(out)
-        return residual_tail(self.bn2, self.attn, out, shortcut, shortcut_norm, inplace=unobserved(self.conv2))
+        out = self.bn2(self.conv2(out))
+        out = self.attn(out)
+        out = out + shortcut
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -106,11 +107,13 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut, shortcut_norm = split_shortcut(self.downsample, x, self.attn)
+        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.conv3(out)
-        return residual_tail(self.bn3, self.attn, out, shortcut, shortcut_norm, inplace=unobserved(self.conv3))
+        out = self.bn3(self.conv3(out))
+        out = self.attn(out)
+        out = out + shortcut
+        return self.relu(out)
 
 
 class ResNet(nn.Module):

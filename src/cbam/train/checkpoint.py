@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..errors import UsageError
 
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot be read (missing, truncated, corrupt or not ours)."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (missing, truncated, corrupt or not ours); one line, naming the file."""
 
 
 def atomic_write(path: str | Path, write) -> Path:

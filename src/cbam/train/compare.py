@@ -1,23 +1,22 @@
-"""``cbam demo`` and ``cbam ablate``: several trainings of one recipe, compared side by side.
+"""Several trainings of one recipe, compared side by side (behind ``cbam demo`` and ``cbam ablate``).
 
-``demo`` trains a plain and a CBAM network on the synthetic data (the README's first command, through
-``make demo``). ``ablate`` runs the configurations of the paper's Tables 1-3 (channel pooling, spatial
-compression and kernel size, arrangement) plus the plain and SE networks, and prints them in the paper's
+:func:`demo` trains a plain and a CBAM network on the synthetic data (the README's first command, through
+``make demo``). :func:`ablate` runs the configurations of the paper's Tables 1-3 (channel pooling, spatial
+compression and kernel size, arrangement) plus the plain and SE networks, and renders them in the paper's
 form, with mean +- standard deviation over seeds when several are given.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from ..report import FORMATS, format_rows
-from .config import TrainConfig, resolve
+from ..report import format_rows
+from .config import TrainConfig
+from .engine import train
 
 # key -> (description in the paper's words, TrainConfig overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -46,8 +45,6 @@ TABLES: dict[str, tuple[str, list[str]]] = {
 
 def run_variants(base: TrainConfig, keys: list[str], seeds: list[int], root: Path) -> dict[str, list[dict]]:
     """Train every variant for every seed (in order, one run folder each) and collect the summaries."""
-    from .engine import train
-
     results: dict[str, list[dict]] = {}
     for key in keys:
         for seed in seeds:
@@ -66,6 +63,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarise(key: str, runs: list[dict]) -> dict[str, Any]:
+    """One row of an ablation table: a variant's cost and its errors as mean (and spread) over seeds."""
     top1, top1_sd = _mean_spread([r["final_top1_err"] for r in runs])
     top5, top5_sd = _mean_spread([r["final_top5_err"] for r in runs])
     return {
@@ -80,6 +78,7 @@ def _error_cell(mean: float, spread: float | None) -> str:
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    """Ablation rows in the paper's columns, in one of the report formats."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     shown = [{"description": r["description"], "params (M)": r["params_m"], "GMACs": r["gmacs"],
@@ -89,40 +88,17 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     return format_rows(shown, fmt=fmt, digits={"params (M)": 3, "GMACs": 4, "images/s": 0})
 
 
-def _base_config(args: argparse.Namespace, recipe: str, exclude: tuple[str, ...]) -> TrainConfig:
-    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}
-              and k not in exclude}
-    values["config"] = values.get("config") or recipe
-    return resolve(values)
+DEMO_DIGITS = {"top-1 err (%)": 2, "top-5 err (%)": 2, "params (M)": 3, "GMACs": 4, "images/s": 0, "train s": 0}
 
 
-def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
-    parser.add_argument("--config", default=None, help="recipe or YAML file (default: demo)")
-    parser.add_argument("--model", default=None, help="network (default: the recipe's)")
-    parser.add_argument("--dataset", default=None, help="data set (default: the recipe's, synthetic)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--output", default=output, help=f"folder for the runs (default {output})")
-    parser.add_argument("--format", choices=FORMATS, default="table")
+def demo(base: TrainConfig, root: Path, fmt: str = "table") -> str | None:
+    """Train ``base`` plain and with CBAM into ``root``/plain and ``root``/cbam; write ``root``/results.md.
 
-
-# ------------------------------------------------------------------------------------------ demo
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser, "runs/demo")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per network (default: the recipe's)")
-    parser.add_argument("--seed", type=int, default=None)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    base = _base_config(args, "demo", ("output",))
-    root = Path(args.output)
+    Returns the comparison rendered in ``fmt``, or None in a process that is not rank 0 (it has no results).
+    """
     results = run_variants(base, ["plain", "cbam"], [base.seed], root)
     if not results:
-        return 0
+        return None
     rows = []
     for key, runs in results.items():
         r = runs[0]
@@ -130,49 +106,33 @@ def run_demo(args: argparse.Namespace) -> int:
                      "top-1 err (%)": r["final_top1_err"], "top-5 err (%)": r["final_top5_err"],
                      "params (M)": r["params"] / 1e6, "GMACs": r["gmacs"], "images/s": r["images_per_s"],
                      "train s": r["wall_time_s"]})
-    text = format_rows(rows, fmt=args.format, digits={"top-1 err (%)": 2, "top-5 err (%)": 2, "params (M)": 3,
-                                                       "GMACs": 4, "images/s": 0, "train s": 0})
-    (root / "results.md").write_text(format_rows(rows, fmt="markdown", digits={
-        "top-1 err (%)": 2, "top-5 err (%)": 2, "params (M)": 3, "GMACs": 4, "images/s": 0, "train s": 0}) + "\n")
-    print(f"\n{base.dataset}, {base.epochs} epochs each (runs in {root}/plain and {root}/cbam):\n{text}")
-    return 0
+    (root / "results.md").write_text(format_rows(rows, fmt="markdown", digits=DEMO_DIGITS) + "\n")
+    return format_rows(rows, fmt=fmt, digits=DEMO_DIGITS)
 
 
-# ------------------------------------------------------------------------------------------ ablate
-def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser, "runs/ablate")
-    parser.add_argument("--budget", type=int, required=True, help="training epochs per configuration")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds; more than one adds the spread")
-    parser.add_argument("--tables", default="1,2,3", help="which of the paper's tables, e.g. 1,3")
+def ablate(base: TrainConfig, root: Path, *, budget: int, seeds: list[int], tables: list[str],
+           fmt: str = "table") -> str | None:
+    """Train the variants of the paper's ``tables`` for ``budget`` epochs per seed; write results.json / .md.
 
-
-def run_ablate(args: argparse.Namespace) -> int:
-    if args.budget < 1:
-        raise UsageError(f"--budget is epochs per configuration and must be at least 1, got {args.budget}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    Returns the tables rendered in ``fmt``, or None in a process that is not rank 0. A budget below one
+    epoch, no seeds or an unknown table is a ValueError before anything is trained.
+    """
+    if budget < 1:
+        raise ValueError(f"budget is epochs per configuration and must be at least 1, got {budget}")
     unknown = [t for t in tables if t not in TABLES]
-    if unknown or not tables or not seeds:
-        raise UsageError(f"--tables expects a subset of 1,2,3 and --seeds at least one seed, got "
-                         f"{args.tables!r} / {args.seeds!r}")
-    base = dataclasses.replace(_base_config(args, "demo", ("output",)), epochs=args.budget)
+    if unknown or not tables:
+        raise ValueError(f"tables must be a non-empty subset of {', '.join(TABLES)}, got {tables!r}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    base = dataclasses.replace(base, epochs=budget)
     keys = list(dict.fromkeys(k for t in tables for k in TABLES[t][1]))
-    root = Path(args.output)
     results = run_variants(base, keys, seeds, root)
     if not results:
-        return 0
+        return None
     summaries = {k: summarise(k, runs) for k, runs in results.items()}
-    blocks = []
-    for t in tables:
-        title, table_keys = TABLES[t]
-        blocks.append(f"{title} ({base.model}, {base.dataset}, {args.budget} epochs, {len(seeds)} seed(s))\n"
-                      + render([summaries[k] for k in table_keys], args.format))
-    text = "\n\n".join(blocks)
     (root / "results.json").write_text(json.dumps(list(summaries.values()), indent=2) + "\n")
     (root / "results.md").write_text("\n\n".join(
         f"{TABLES[t][0]}\n\n" + render([summaries[k] for k in TABLES[t][1]], "markdown") for t in tables) + "\n")
-    print("\n" + text)
-    return 0
+    return "\n\n".join(
+        f"{TABLES[t][0]} ({base.model}, {base.dataset}, {budget} epochs, {len(seeds)} seed(s))\n"
+        + render([summaries[k] for k in TABLES[t][1]], fmt) for t in tables)

@@ -4,7 +4,7 @@
 uses for each family (ImageNet: random-resized crop + flip; CIFAR: pad-and-crop + flip; MNIST: pad-and-crop)
 and a ``DataInfo`` with what the model builder needs (classes, input channels, crop size, normalisation).
 Every bad input -- unknown name, missing folder or files, unreadable image, impossible batch size -- is a
-``UsageError`` with one line saying what was expected and what was found, so the command line can print it
+``ValueError`` with one line saying what was expected and what was found, so the command line can print it
 instead of a traceback.
 
 ``SyntheticShapes`` is the embedded default: cluttered 64x64 scenes with one class-defining object, generated
@@ -32,7 +32,7 @@ from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
-from cbam.errors import UsageError
+from .sampler import ResumableSampler, SeededSamples
 
 __all__ = [
     "AUGMENTS",
@@ -325,7 +325,7 @@ class SyntheticShapes(Dataset):
         _check_int("synthetic: seed", seed, minimum=0)
         most = len(SHAPE_NAMES)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= most:
-            raise UsageError(f"synthetic: number of classes must be 2..{most}, got {num_classes!r}")
+            raise ValueError(f"synthetic: number of classes must be 2..{most}, got {num_classes!r}")
         self.num_samples, self.image_size, self.num_classes = num_samples, image_size, num_classes
         self.seed, self.train = seed, bool(train)
         self.class_names = SHAPE_NAMES[:num_classes]  # instance attribute shadows the full class-level list
@@ -373,7 +373,7 @@ class SyntheticShapes(Dataset):
 # ----------------------------------------------------------------------------------------------------
 
 
-class BadImageError(UsageError):
+class BadImageError(ValueError):
     """An image file PIL cannot decode. One line naming the file, also when re-raised from a loader worker.
 
     A DataLoader worker's exception is re-created in the main process as ``type(msg)`` with the worker's
@@ -421,7 +421,7 @@ class ImageFolderWithBadImages(datasets.ImageFolder):
         self, root: str | Path, *, transform: Callable | None = None, bad_images: str = "stop"
     ) -> None:
         if bad_images not in BAD_IMAGE_POLICIES:
-            raise UsageError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}")
+            raise ValueError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}")
         super().__init__(str(root), transform=transform, loader=_load_image)
         self.bad_images = bad_images
         self._skipped: list[str] = []
@@ -473,7 +473,7 @@ class ImageFolderWithBadImages(datasets.ImageFolder):
                 if self.bad_images == "stop":
                     raise
                 self._record_skip(self.samples[i][0], err)
-        raise UsageError(f"imagefolder: none of the {n} images under {self.root} can be read")
+        raise ValueError(f"imagefolder: none of the {n} images under {self.root} can be read")
 
     def __getstate__(self) -> dict[str, Any]:
         # The pipe travels only to a process being started (a DataLoader worker under spawn/forkserver).
@@ -591,16 +591,16 @@ def _load_torchvision(name: str, root: Path, train: bool, transform, download: b
                 if len(missing) == len(spec.files())
                 else f"missing {', '.join(missing)}"
             )
-            raise UsageError(f"{expected}; {what}; {how}") from exc
+            raise ValueError(f"{expected}; {what}; {how}") from exc
         corrupt = [
             f for f, md5 in spec.files() if md5 is not None and not check_integrity(str(folder / f), md5)
         ]
         if corrupt:
-            raise UsageError(
+            raise ValueError(
                 f"{expected}; {', '.join(corrupt)} failed the md5 check (corrupt or partial download); "
                 "delete it and pass --download"
             ) from exc
-        raise UsageError(f"{expected}; the files there cannot be read ({_first_line(exc)})") from exc
+        raise ValueError(f"{expected}; the files there cannot be read ({_first_line(exc)})") from exc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -610,26 +610,26 @@ def _load_torchvision(name: str, root: Path, train: bool, transform, download: b
 
 def _check_int(what: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _data_root(name: str, data_dir: str | Path | None, download: bool, layout: str) -> Path:
     if data_dir is None or str(data_dir) == "":
-        raise UsageError(f"{name}: needs a data directory (--data-dir DIR) holding {layout}")
+        raise ValueError(f"{name}: needs a data directory (--data-dir DIR) holding {layout}")
     root = Path(data_dir).expanduser()
     if root.exists() and not root.is_dir():
-        raise UsageError(f"{name}: data directory {root} is a file, expected a directory holding {layout}")
+        raise ValueError(f"{name}: data directory {root} is a file, expected a directory holding {layout}")
     if not root.exists():
         if not download:
             hint = "" if name == "imagefolder" else "; pass --download to fetch it"
-            raise UsageError(
+            raise ValueError(
                 f"{name}: data directory {root} does not exist; expected it to hold {layout}{hint}"
             )
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"{name}: cannot create data directory {root} ({_first_line(exc)})") from exc
+            raise ValueError(f"{name}: cannot create data directory {root} ({_first_line(exc)})") from exc
     return root
 
 
@@ -641,14 +641,14 @@ def _build_imagefolder(
     )
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise UsageError(f"{expected}; {root / split} is missing")
+            raise ValueError(f"{expected}; {root / split} is missing")
     splits = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):
         folder = root / split
         try:
             splits[split] = ImageFolderWithBadImages(folder, transform=tf, bad_images=bad_images)
         except FileNotFoundError as exc:  # no class folders, or a class folder without images
-            raise UsageError(f"{expected}; in {folder}: {str(exc).strip()}") from exc
+            raise ValueError(f"{expected}; in {folder}: {str(exc).strip()}") from exc
     train, val = splits["train"], splits["val"]
     if train.classes != val.classes:
 
@@ -657,7 +657,7 @@ def _build_imagefolder(
 
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise UsageError(
+        raise ValueError(
             f"imagefolder: {root}/val must have the same class folders as {root}/train "
             f"({len(train.classes)} vs {len(val.classes)}); only in train: {listing(only_train)}; "
             f"only in val: {listing(only_val)}"
@@ -686,12 +686,12 @@ def build_datasets(
     """
     key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
     if key not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     if augment not in AUGMENTS:
-        raise UsageError(f"unknown augmentation {augment!r}; expected one of: {', '.join(AUGMENTS)}")
+        raise ValueError(f"unknown augmentation {augment!r}; expected one of: {', '.join(AUGMENTS)}")
     if bad_images not in BAD_IMAGE_POLICIES:
         choices = ", ".join(BAD_IMAGE_POLICIES)
-        raise UsageError(f"unknown bad-images policy {bad_images!r}; expected one of: {choices}")
+        raise ValueError(f"unknown bad-images policy {bad_images!r}; expected one of: {choices}")
     if image_size is not None:
         _check_int("image size", image_size, minimum=8)
 
@@ -754,8 +754,6 @@ def build_loader(
     epoch and drops a last partial batch; validation is sequential and complete. The caller selects the epoch
     with ``loader.sampler.set_epoch(epoch, start_batch)``.
     """
-    from .sampler import ResumableSampler, SeededSamples
-
     _check_int("batch size", batch_size, minimum=1)
     _check_int("number of data workers", workers, minimum=0)
     _check_int("loader seed", seed, minimum=0)
@@ -765,14 +763,14 @@ def build_loader(
     n = len(dataset)  # type: ignore[arg-type]
     split = "training" if train else "validation"
     if n == 0:
-        raise UsageError(f"the {split} dataset is empty")
+        raise ValueError(f"the {split} dataset is empty")
     if train and batch_size > n:
-        raise UsageError(
+        raise ValueError(
             f"batch size {batch_size} is larger than the {n} {split} images; "
             "lower the batch size (a last partial batch is dropped, so no batch would be left)"
         )
     if batch_size % (world_size * accum_steps):
-        raise UsageError(
+        raise ValueError(
             f"batch size {batch_size} must divide evenly over {world_size} process(es) x "
             f"{accum_steps} accumulation step(s)"
         )

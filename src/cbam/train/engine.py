@@ -10,28 +10,41 @@ step: it saves, says where, and leaves with exit code 130 / 143.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from ..errors import UsageError
+from ..fused import fuse
 from ..models import create_model
 from ..models.complexity import count_macs, count_params
 from . import distributed as D
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
-from .config import TrainConfig, to_yaml
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+    set_rng_state,
+)
+from .config import TrainConfig, from_dict, to_yaml
 from .data import build_datasets, build_loader
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "curves.png", "checkpoints")
@@ -114,13 +127,13 @@ def check_output(cfg: TrainConfig) -> list[str]:
     """Refuse to mix two runs in one folder unless --resume or --overwrite says what to do."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
+        raise ValueError(f"output {out} exists and is not a folder")
     existing = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if cfg.resume:
         if not (out / "checkpoints" / "last.pt").exists():
-            raise UsageError(f"--resume: no checkpoint to resume in {out} (expected {out}/checkpoints/last.pt)")
+            raise ValueError(f"--resume: no checkpoint to resume in {out} (expected {out}/checkpoints/last.pt)")
     elif existing and not cfg.overwrite:
-        raise UsageError(f"output folder {out} already holds a run ({', '.join(existing)}); "
+        raise ValueError(f"output folder {out} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it or --overwrite to replace it")
     return existing
 
@@ -176,8 +189,6 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
-
     epochs = [m["epoch"] for m in metrics]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
@@ -232,12 +243,145 @@ def eval_batch(global_batch: int, world_size: int) -> int:
     return max(world_size, global_batch - global_batch % world_size)
 
 
-# ------------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------------ evaluation of a saved run
+def load_run(path: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor], Path]:
+    """A saved run's configuration and model weights, from a run folder, a checkpoint (.pt) or a .safetensors file.
+
+    Returns (configuration, weights, the file read). A missing, corrupt or foreign file is a ValueError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors" if (path / "model.safetensors").exists() else path / "checkpoints/last.pt"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        config_file = path.parent / "config.yaml"
+        if not config_file.exists():
+            raise CheckpointError(f"{path}: expected the run's config.yaml beside it to rebuild the model")
+        try:
+            weights = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"weights {path} are corrupt or truncated ({exc})") from None
+        return from_dict(yaml.safe_load(config_file.read_text())), weights, path
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no run configuration")
+    return from_dict(state["config"]), state["model"], path
+
+
+def evaluate_run(
+    checkpoint: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Top-1 / top-5 error and loss of a saved run on a validation set (by default the run's own).
+
+    The weights are evaluated as saved, on the run's device setting; the result names the file and the run.
+    """
+    cfg, weights, path = load_run(checkpoint)
+    updates = {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size, "workers": workers}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in updates.items() if v is not None})
+    _, val_set, data = datasets_for(cfg)
+    model = build_model(cfg, data.num_classes, data.in_chans)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit {cfg.model} (attention {cfg.attention}): "
+                              f"{str(exc).splitlines()[0]}") from None
+    info = D.setup(cfg.device)
+    model.to(info.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    workers = default_workers(cfg.dataset) if cfg.workers is None else cfg.workers
+    loader = build_loader(val_set, batch_size=cfg.batch_size, train=False, workers=workers, seed=cfg.seed)
+    return {"checkpoint": str(path), "model": cfg.model, "attention": cfg.attention, "dataset": cfg.dataset,
+            **evaluate(model, loader, cfg, info)}
+
+
+# ------------------------------------------------------------------------------------------ training state
 StepHook = Callable[[dict[str, Any]], None]
 
 
+@dataclass
+class EpochTotals:
+    """Running sums of the epoch so far; saved in checkpoints, so a resumed epoch reports what a straight one does."""
+
+    loss_sum: float = 0.0  # summed per-image training loss
+    images: float = 0.0
+    seconds: float = 0.0  # training time, evaluation and checkpointing excluded
+
+    def to_list(self) -> list[float]:
+        """The checkpoint's ``epoch_sums`` entry (a list, as checkpoints have always held it)."""
+        return [self.loss_sum, self.images, self.seconds]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> EpochTotals:
+        """Totals from a checkpoint's ``epoch_sums``."""
+        loss_sum, images, seconds = values
+        return cls(loss_sum, images, seconds)
+
+
+@dataclass
+class Position:
+    """Where a run stands: the next epoch and batch to train, optimizer steps taken, the best epoch so far."""
+
+    epoch: int = 0
+    batch: int = 0  # optimizer steps already taken in ``epoch`` (non-zero only when resuming mid-epoch)
+    step: int = 0
+    best: dict[str, Any] | None = None  # {"epoch", "top1_err", "top5_err"} of the best validation so far
+    totals: EpochTotals = field(default_factory=EpochTotals)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step's outcome, agreed on by every rank (one all-reduce)."""
+
+    stop_requested: bool  # some rank received SIGINT / SIGTERM
+    non_finite: bool  # some rank's loss was NaN or infinite
+    loss_sum: float  # summed per-image loss over ranks
+    images: float
+
+
+@dataclass
+class Run:
+    """Everything a training run holds once set up: what the steps below share instead of a dozen locals."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    out: Path
+    model: nn.Module  # the bare module: what is saved and evaluated
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    params: int
+    macs: int
+    on_step: StepHook | None = None
+    step_model: nn.Module | None = None  # what the training step calls (DDP- and compile-wrapped)
+    tb: Any = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    started: float = 0.0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "checkpoints" / "best.pt"
+
+
+# ------------------------------------------------------------------------------------------ training
 def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary that is also written to ``summary.json``."""
+    """Run (or resume) a training run; returns the summary that is also written to ``summary.json``.
+
+    ``on_step`` is called after every optimizer step with the epoch, batch and step reached. Bad settings and
+    data are ValueErrors; SIGINT / SIGTERM end in :class:`Interrupted`, a non-finite loss in :class:`Diverged`.
+    """
     info = D.setup(cfg.device)
     try:
         return _train(cfg, info, on_step)
@@ -246,17 +390,35 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict[str, Any]:
+    run = _setup(cfg, info, on_step)
+    position = _resume(run)
+    _open_logs(run, position)
+    _wrap_for_training(run)
+    with _StopFlag() as stop:
+        while position.epoch < cfg.epochs:
+            _train_epoch(run, position, stop)
+            row, is_best = _end_epoch(run, position)
+            _log_epoch(run, row)
+            _save_last(run, position, also_best=is_best)
+    return _finish(run, position)
+
+
+def fuse_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+    """Fused blocks pay on the CPU (their kernels are CPU kernels); on other devices only to save memory."""
+    return cfg.fuse and (device.type == "cpu" or cfg.memory_efficient)
+
+
+def _setup(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> Run:
+    """Seed, data, model (fused where wanted), optimizer; then the output folder, once all of that is known to work."""
     torch.manual_seed(cfg.seed)
     check_output(cfg)  # refuse early; the folder itself is made once data and model are known to be fine
     train_set, val_set, data = datasets_for(cfg)
-    global_batch = cfg.batch_size
     workers = default_workers(cfg.dataset) if cfg.workers is None else cfg.workers
     ranks = {"rank": info.rank, "world_size": info.world_size}
-    train_loader = build_loader(train_set, batch_size=global_batch, train=True, workers=workers, seed=cfg.seed,
+    train_loader = build_loader(train_set, batch_size=cfg.batch_size, train=True, workers=workers, seed=cfg.seed,
                                 accum_steps=cfg.accum_steps, **ranks)
-    val_loader = build_loader(val_set, batch_size=eval_batch(global_batch, info.world_size), train=False,
+    val_loader = build_loader(val_set, batch_size=eval_batch(cfg.batch_size, info.world_size), train=False,
                               workers=workers, seed=cfg.seed, **ranks)
-    train_sampler = train_loader.sampler
 
     model = build_model(cfg, data.num_classes, data.in_chans)
     params = count_params(model)
@@ -266,152 +428,209 @@ def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict
     model.to(info.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model, global_batch)
+    _fuse(model, cfg, info)
+    optimizer = make_optimizer(cfg, model, cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     out = prepare_output(cfg, info)
+    return Run(cfg=cfg, info=info, out=out, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               train_loader=train_loader, val_loader=val_loader, params=params, macs=macs, on_step=on_step)
 
-    # resume
-    start_epoch, start_batch, global_step, best = 0, 0, 0, None
-    epoch_sums = [0.0, 0.0, 0.0]  # loss sum, images, seconds of the epoch so far
-    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    if cfg.resume:
-        state = load_checkpoint(last_path)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            reason = str(exc).strip().splitlines()[0][:160]
-            raise CheckpointError(f"checkpoint {last_path} does not fit this run's model or optimizer ({reason}); "
-                                  "resume with the run's own settings") from None
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["step"]
-        best, epoch_sums = state.get("best"), list(state["epoch_sums"])
-        set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+
+def _fuse(model: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> list[str]:
+    """Apply ``cbam.fuse`` where it is wanted and say what it did (one line, rank 0)."""
+    if not fuse_wanted(cfg, info.device):
+        why = "fuse: false" if not cfg.fuse else f"the fused kernels are for the CPU, this run is on {info.device}"
         if info.is_main:
-            print(f"resuming {last_path}: epoch {start_epoch + 1}, batch {start_batch}, step {global_step}",
-                  flush=True)
+            print(f"fusion off ({why}); the blocks run unfused", flush=True)
+        return []
+    changed = fuse(model, memory_efficient=cfg.memory_efficient)
     if info.is_main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        kept = [m for m in _read_metrics(out / "metrics.jsonl") if m["epoch"] <= start_epoch]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+        how = ", recomputing activations in backward" if cfg.memory_efficient else ""
+        print(f"fused {len(changed)} block(s) with cbam.fuse{how}", flush=True)
+    return changed
 
-    step_model: nn.Module = model
+
+def _resume(run: Run) -> Position:
+    """The position to start from: the beginning, or everything ``last.pt`` saved (states, sums, RNGs)."""
+    if not run.cfg.resume:
+        return Position()
+    info, last_path = run.info, run.last_path
+    state = load_checkpoint(last_path)
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160]
+        raise CheckpointError(f"checkpoint {last_path} does not fit this run's model or optimizer ({reason}); "
+                              "resume with the run's own settings") from None
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    position = Position(epoch=state["epoch"], batch=state["batch"], step=state["step"], best=state.get("best"),
+                        totals=EpochTotals.from_list(list(state["epoch_sums"])))
+    set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+    if info.is_main:
+        print(f"resuming {last_path}: epoch {position.epoch + 1}, batch {position.batch}, step {position.step}",
+              flush=True)
+    return position
+
+
+def _open_logs(run: Run, position: Position) -> None:
+    """Rank 0 writes config.yaml and drops metrics of epochs after the resumed one; TensorBoard opens."""
+    if run.info.is_main:
+        (run.out / "config.yaml").write_text(to_yaml(run.cfg))
+        kept = [m for m in _read_metrics(run.out / "metrics.jsonl") if m["epoch"] <= position.epoch]
+        (run.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def _wrap_for_training(run: Run) -> None:
+    """DDP (after resuming: it broadcasts rank 0's weights) and torch.compile around the model; logs opened."""
+    cfg, info = run.cfg, run.info
+    step_model: nn.Module = run.model
     if info.distributed:
         step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            run.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    tb = _tensorboard(cfg, out) if info.is_main else None
+    run.step_model = step_model
+    run.tb = _tensorboard(cfg, run.out) if info.is_main else None
+    run.metrics = _read_metrics(run.out / "metrics.jsonl") if info.is_main else []
+    run.started = time.time()
 
-    def checkpoint_state(epoch: int, batch: int) -> dict[str, Any]:
-        rngs = [rng_state()]
-        if info.distributed:
-            gathered: list[Any] = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "batch": batch, "step": global_step, "best": best, "epoch_sums": epoch_sums, "rng": rngs,
-                "config": {k: v for k, v in asdict(cfg).items() if k != "config"}}
 
-    def save_last(epoch: int, batch: int, *, also_best: bool = False) -> Path:
-        state = checkpoint_state(epoch, batch)  # collective: every rank takes part
-        if info.is_main:
-            save_checkpoint(last_path, state)
-            if also_best:
-                save_checkpoint(best_path, state)
-        return last_path
-
-    metrics: list[dict[str, Any]] = _read_metrics(out / "metrics.jsonl") if info.is_main else []
-    started = time.time()
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            train_sampler.set_epoch(epoch, start_batch)
-            n_batches = train_sampler.batches_per_epoch
-            if cfg.max_steps_per_epoch:
-                n_batches = min(n_batches, cfg.max_steps_per_epoch)
-            model.train()
-            bar = _progress(cfg, info, n_batches, start_batch, epoch)
+def _train_epoch(run: Run, position: Position, stop: _StopFlag) -> None:
+    """Optimizer steps from ``position.batch`` to the epoch's end, saving when asked or when stopped."""
+    cfg, info = run.cfg, run.info
+    sampler = run.train_loader.sampler
+    sampler.set_epoch(position.epoch, position.batch)
+    n_batches = sampler.batches_per_epoch
+    if cfg.max_steps_per_epoch:
+        n_batches = min(n_batches, cfg.max_steps_per_epoch)
+    run.model.train()
+    bar = _progress(cfg, info, n_batches, position.batch, position.epoch)
+    t0 = time.time()
+    micro_batches = iter(run.train_loader)
+    while position.batch < n_batches:
+        result = _train_step(run, micro_batches, stop)
+        if result.non_finite:
+            run.optimizer.zero_grad(set_to_none=True)
+            where = run.last_path if run.last_path.exists() else "none written yet"
+            raise Diverged(f"non-finite loss at epoch {position.epoch + 1}, batch {position.batch + 1} (step "
+                           f"{position.step + 1}); stopped, weights not updated; last good checkpoint: {where}")
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        position.step += 1
+        position.batch += 1
+        position.totals.loss_sum += result.loss_sum
+        position.totals.images += result.images
+        if bar is not None:
+            elapsed = position.totals.seconds + time.time() - t0
+            bar.set_postfix(loss=f"{result.loss_sum / max(result.images, 1):.3f}",
+                            img_s=f"{position.totals.images / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+        if run.on_step is not None:
+            run.on_step({"epoch": position.epoch, "batch": position.batch, "step": position.step})
+        periodic = (cfg.save_every_steps and position.step % cfg.save_every_steps == 0
+                    and position.batch < n_batches)
+        if result.stop_requested or periodic:
+            position.totals.seconds += time.time() - t0
             t0 = time.time()
-            batch_idx = start_batch
-            micro_iter = iter(train_loader)
-            while batch_idx < n_batches:
-                loss_sum, n_images = 0.0, 0
-                for k in range(cfg.accum_steps):
-                    images, target = _to_device(*next(micro_iter), cfg, info.device)
-                    sync = k == cfg.accum_steps - 1 or not info.distributed
-                    ctx = contextlib.nullcontext() if sync else step_model.no_sync()
-                    with ctx, autocast(cfg, info.device):
-                        loss = F.cross_entropy(step_model(images).float(), target,
-                                               label_smoothing=cfg.label_smoothing)
-                        scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum += float(loss.detach()) * len(target)
-                    n_images += len(target)
-                flags = D.all_reduce_sum(torch.tensor([float(stop.signum > 0), float(not math.isfinite(loss_sum)),
-                                                       loss_sum, n_images], dtype=torch.float64), info)
-                if flags[1] > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    where = last_path if last_path.exists() else "none written yet"
-                    raise Diverged(f"non-finite loss at epoch {epoch + 1}, batch {batch_idx + 1} (step "
-                                   f"{global_step + 1}); stopped, weights not updated; last good checkpoint: {where}")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                batch_idx += 1
-                epoch_sums[0] += flags[2].item()
-                epoch_sums[1] += flags[3].item()
+            path = _save_last(run, position)
+            if result.stop_requested:
                 if bar is not None:
-                    elapsed = epoch_sums[2] + time.time() - t0
-                    bar.set_postfix(loss=f"{flags[2].item() / max(flags[3].item(), 1):.3f}",
-                                    img_s=f"{epoch_sums[1] / max(elapsed, 1e-9):.0f}")
-                    bar.update(1)
-                if on_step is not None:
-                    on_step({"epoch": epoch, "batch": batch_idx, "step": global_step})
-                stop_now = flags[0] > 0
-                if stop_now or (cfg.save_every_steps and global_step % cfg.save_every_steps == 0
-                                and batch_idx < n_batches):
-                    epoch_sums[2] += time.time() - t0
-                    t0 = time.time()
-                    path = save_last(epoch, batch_idx)
-                    if stop_now:
-                        if bar is not None:
-                            bar.close()
-                        raise Interrupted(stop.signum or signal.SIGTERM, path if info.is_main else None)
-            if bar is not None:
-                bar.close()
-            del micro_iter
-            epoch_sums[2] += time.time() - t0
-            lr_used = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            _sync_buffers(model, info)
-            val = evaluate(model, val_loader, cfg, info)  # the bare module: no collective per batch
-            row = {"epoch": epoch + 1, "step": global_step,
-                   "train_loss": epoch_sums[0] / max(epoch_sums[1], 1), **val,
-                   "lr": lr_used,
-                   "seconds": epoch_sums[2], "images_per_s": epoch_sums[1] / max(epoch_sums[2], 1e-9)}
-            is_best = best is None or val["top1_err"] < best["top1_err"]
-            if is_best:
-                best = {"epoch": epoch + 1, "top1_err": val["top1_err"], "top5_err": val["top5_err"]}
-            epoch_sums = [0.0, 0.0, 0.0]
-            start_batch = 0
-            if info.is_main:
-                metrics.append(row)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val loss "
-                      f"{val['val_loss']:.4f}  top-1 err {val['top1_err']:.2f}%  top-5 err {val['top5_err']:.2f}%  "
-                      f"{row['images_per_s']:.0f} img/s", flush=True)
-                if tb is not None:
-                    for key in ("train_loss", "val_loss", "top1_err", "top5_err", "lr", "images_per_s"):
-                        tb.add_scalar(key, row[key], epoch + 1)
-            save_last(epoch + 1, 0, also_best=is_best)
-    return _finish(cfg, info, out, model, metrics, best, params, macs, started, tb)
+                    bar.close()
+                raise Interrupted(stop.signum or signal.SIGTERM, path if info.is_main else None)
+    if bar is not None:
+        bar.close()
+    del micro_batches
+    position.totals.seconds += time.time() - t0
 
 
-def _finish(cfg, info, out, model, metrics, best, params, macs, started, tb) -> dict[str, Any]:
+def _train_step(run: Run, micro_batches: Iterator[Any], stop: _StopFlag) -> StepResult:
+    """Forward and backward over one step's micro-batches (gradients accumulated), then one all-reduce of the
+    loss, the image count and the stop / non-finite flags, so that every rank takes the same decision."""
+    cfg, info = run.cfg, run.info
+    loss_sum, n_images = 0.0, 0
+    for k in range(cfg.accum_steps):
+        images, target = _to_device(*next(micro_batches), cfg, info.device)
+        sync = k == cfg.accum_steps - 1 or not info.distributed
+        ctx = contextlib.nullcontext() if sync else run.step_model.no_sync()
+        with ctx, autocast(cfg, info.device):
+            loss = F.cross_entropy(run.step_model(images).float(), target, label_smoothing=cfg.label_smoothing)
+            run.scaler.scale(loss / cfg.accum_steps).backward()
+        loss_sum += float(loss.detach()) * len(target)
+        n_images += len(target)
+    stop_flag, non_finite, loss_total, images_total = D.all_reduce_sum(
+        torch.tensor([float(stop.signum > 0), float(not math.isfinite(loss_sum)), loss_sum, n_images],
+                     dtype=torch.float64), info).tolist()
+    return StepResult(stop_requested=stop_flag > 0, non_finite=non_finite > 0, loss_sum=loss_total,
+                      images=images_total)
+
+
+def _end_epoch(run: Run, position: Position) -> tuple[dict[str, Any], bool]:
+    """Scheduler step, validation, the epoch's metrics row; ``position`` moves to the next epoch's start."""
+    totals = position.totals
+    lr_used = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    _sync_buffers(run.model, run.info)
+    val = evaluate(run.model, run.val_loader, run.cfg, run.info)  # the bare module: no collective per batch
+    row = {"epoch": position.epoch + 1, "step": position.step,
+           "train_loss": totals.loss_sum / max(totals.images, 1), **val,
+           "lr": lr_used,
+           "seconds": totals.seconds, "images_per_s": totals.images / max(totals.seconds, 1e-9)}
+    is_best = position.best is None or val["top1_err"] < position.best["top1_err"]
+    if is_best:
+        position.best = {"epoch": position.epoch + 1, "top1_err": val["top1_err"], "top5_err": val["top5_err"]}
+    position.epoch += 1
+    position.batch = 0
+    position.totals = EpochTotals()
+    return row, is_best
+
+
+def _log_epoch(run: Run, row: dict[str, Any]) -> None:
+    """Rank 0 appends the row to metrics.jsonl, prints it and sends it to TensorBoard."""
+    if not run.info.is_main:
+        return
+    run.metrics.append(row)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"epoch {row['epoch']}/{run.cfg.epochs}: train loss {row['train_loss']:.4f}  val loss "
+          f"{row['val_loss']:.4f}  top-1 err {row['top1_err']:.2f}%  top-5 err {row['top5_err']:.2f}%  "
+          f"{row['images_per_s']:.0f} img/s", flush=True)
+    if run.tb is not None:
+        for key in ("train_loss", "val_loss", "top1_err", "top5_err", "lr", "images_per_s"):
+            run.tb.add_scalar(key, row[key], row["epoch"])
+
+
+def _checkpoint_state(run: Run, position: Position) -> dict[str, Any]:
+    """Everything a resume needs, with every rank's RNG state (a collective: all ranks must call it)."""
+    info = run.info
+    rngs = [rng_state()]
+    if info.distributed:
+        gathered: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": position.epoch,
+            "batch": position.batch, "step": position.step, "best": position.best,
+            "epoch_sums": position.totals.to_list(), "rng": rngs,
+            "config": {k: v for k, v in asdict(run.cfg).items() if k != "config"}}
+
+
+def _save_last(run: Run, position: Position, *, also_best: bool = False) -> Path:
+    """Save ``last.pt`` (and ``best.pt``) at ``position``; every rank takes part, rank 0 writes."""
+    state = _checkpoint_state(run, position)
+    if run.info.is_main:
+        save_checkpoint(run.last_path, state)
+        if also_best:
+            save_checkpoint(run.best_path, state)
+    return run.last_path
+
+
+def _finish(run: Run, position: Position) -> dict[str, Any]:
+    """Rank 0 writes the final weights, summary.json and the curves; returns the summary ({} elsewhere)."""
+    cfg, info, metrics, best = run.cfg, run.info, run.metrics, position.best
     if not info.is_main:
         return {}
     final = metrics[-1] if metrics else {}
@@ -421,24 +640,22 @@ def _finish(cfg, info, out, model, metrics, best, params, macs, started, tb) -> 
         "final_val_loss": final.get("val_loss"),
         "best_top1_err": best["top1_err"] if best else None, "best_top5_err": best["top5_err"] if best else None,
         "best_epoch": best["epoch"] if best else None,
-        "params": params, "gmacs": macs / 1e9, "images_per_s": final.get("images_per_s"),
-        "wall_time_s": sum(m["seconds"] for m in metrics), "session_time_s": time.time() - started,
+        "params": run.params, "gmacs": run.macs / 1e9, "images_per_s": final.get("images_per_s"),
+        "wall_time_s": sum(m["seconds"] for m in metrics), "session_time_s": time.time() - run.started,
         "world_size": info.world_size,
     }
-    save_weights(out / "model.safetensors", model, metadata={"model": cfg.model, "attention": cfg.attention})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_weights(run.out / "model.safetensors", run.model, metadata={"model": cfg.model, "attention": cfg.attention})
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if metrics:
-        plot_curves(metrics, out / "curves.png")
-    if tb is not None:
-        tb.close()
+        plot_curves(metrics, run.out / "curves.png")
+    if run.tb is not None:
+        run.tb.close()
     return summary
 
 
 def _progress(cfg: TrainConfig, info: D.DistInfo, total: int, initial: int, epoch: int):
     if not (cfg.progress and info.is_main):
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                 dynamic_ncols=True, leave=False)
 

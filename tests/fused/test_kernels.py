@@ -1,4 +1,6 @@
-"""The hand-written CPU kernels of the fused path: every split of the work, thread counts, and the fallback."""
+"""The hand-written CPU kernels (``cbam.fused.kernels`` over ``torch.ops.cbam_cpu``): every split of the work,
+thread counts, bunching, a model moved to channels-last, the operators' argument checks; and the reference path
+where the kernels are turned off."""
 
 from __future__ import annotations
 
@@ -11,18 +13,14 @@ import pytest
 import torch
 
 from cbam import CBAM
-from cbam.layers import cbam_fused as fused_module
-from cbam.layers.cbam_fused import cbam_fused
+from cbam.fused.function import cbam_fused
 
 CL = torch.channels_last
 
 
-pytestmark = pytest.mark.usefixtures("native")
-
-
 def _module(channels: int, seed: int = 0, **kwargs) -> CBAM:
     torch.manual_seed(seed)
-    m = CBAM(channels, reduction=4, implementation="reference", **kwargs)
+    m = CBAM(channels, reduction=4, **kwargs)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -36,7 +34,7 @@ def _module(channels: int, seed: int = 0, **kwargs) -> CBAM:
 def _outputs(m: CBAM, x: torch.Tensor, fused: bool, grad: bool):
     x = x.detach().clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
-        out = cbam_fused(m, x) if fused else m(x)
+        out = cbam_fused(m, x) if fused else m.forward_reference(x)
     if not grad:
         return [out]
     torch.manual_seed(5)
@@ -54,7 +52,7 @@ def _assert_close(got, expected, rel=1e-5):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("shape", [(5, 24, 7, 9), (1, 40, 17, 3), (6, 4, 2, 2)])
-def test_every_split_and_bunch_boundary(fmt, training, grad, shape):
+def test_every_split_and_bunch_boundary(native, fmt, training, grad, shape):
     """Tiny blocks: columns split into 16-wide blocks, rows into many blocks (partial results combined), one sample
     per bunch (the channel gate of each sample computed on its own), every float32 output written with streaming
     stores (rows of any alignment)."""
@@ -71,7 +69,7 @@ def test_every_split_and_bunch_boundary(fmt, training, grad, shape):
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("batch", [9, 1])
-def test_results_do_not_depend_on_the_thread_count(fmt, batch):
+def test_results_do_not_depend_on_the_thread_count(native, fmt, batch):
     """Nine samples: threads take whole samples. One sample: its passes, and its MLP's rows (small tasks forced),
     are split across the threads."""
     m = _module(48)
@@ -92,29 +90,7 @@ def test_results_do_not_depend_on_the_thread_count(fmt, batch):
         assert torch.equal(a, b)
 
 
-def test_module_uses_the_kernels_without_gradients_too():
-    m = CBAM(16).eval()
-    assert fused_module.fused_path(torch.randn(1, 16, 4, 4)) == "native"
-    calls = []
-    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: calls.append(t) or t, lambda t: t):
-        out = m(torch.randn(2, 16, 4, 4))
-    assert out.shape == (2, 16, 4, 4) and calls == []
-
-
-def test_disabled_by_environment_falls_back_to_pytorch_operators():
-    code = (
-        "import torch; from cbam import CBAM; from cbam.layers import fused_cpu, cbam_fused as f;"
-        "print(fused_cpu.native_status()); x = torch.randn(2, 16, 5, 5, requires_grad=True);"
-        "print(f.fused_path(x)); CBAM(16)(x).sum().backward(); print(bool(torch.isfinite(x.grad).all()));"
-        "from cbam import create_model; net = create_model('cifar_resnet20', attention='cbam', num_classes=10);"
-        "net(torch.randn(2, 3, 32, 32)).sum().backward(); print(net.layer1[0].bn2.num_batches_tracked.item())"
-    )
-    env = {**os.environ, "CBAM_NATIVE": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:4] == ["disabled by CBAM_NATIVE=0", "eager", "True", "1"]  # (BatchNorm ran on its own)
-
-
-def test_model_moved_to_channels_last():
+def test_model_moved_to_channels_last(native):
     """``model.to(memory_format=channels_last)`` makes the 4-D convolution weight channels-last too."""
     m = _module(16)
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL)
@@ -124,10 +100,10 @@ def test_model_moved_to_channels_last():
     _assert_close(_outputs(moved, x, fused=True, grad=True), expected)
     with torch.no_grad():
         moved = copy.deepcopy(m).to(memory_format=CL).eval()
-        _assert_close([cbam_fused(moved, x)], [copy.deepcopy(m).eval()(x)])
+        _assert_close([cbam_fused(moved, x)], [copy.deepcopy(m).eval().forward_reference(x)])
 
 
-def test_input_grad_rejects_an_out_of_range_arg_max():
+def test_input_grad_rejects_an_out_of_range_arg_max(native):
     n, c, h, w = 2, 8, 3, 3
     d = torch.randn(n, c, h, w)
     pos, chan = torch.rand(n, h * w), torch.rand(n, c)
@@ -139,7 +115,7 @@ def test_input_grad_rejects_an_out_of_range_arg_max():
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("pool_types", [("avg", "max"), ("avg",), ("max",)])
 @pytest.mark.parametrize("mode", ["eval", "train-grad"])
-def test_results_do_not_depend_on_how_samples_are_bunched(fmt, pool_types, mode):
+def test_results_do_not_depend_on_how_samples_are_bunched(native, fmt, pool_types, mode):
     """Each sample's channel gate is dot products in a fixed order, whether one sample or a few share a read of the
     MLP's weights: one sample per bunch and the whole batch in one give the same bits (outputs and gradients)."""
     m = _module(40, pool_types=pool_types).train(mode != "eval")
@@ -154,3 +130,20 @@ def test_results_do_not_depend_on_how_samples_are_bunched(fmt, pool_types, mode)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     _assert_close(runs[0], _outputs(copy.deepcopy(m), x, fused=False, grad=mode != "eval"))
+
+
+def test_disabled_by_environment_falls_back_to_the_reference():
+    """CBAM_NATIVE=0 in a fresh process: nothing is built; modules and fused networks train on the reference path
+    (needs no compiler)."""
+    code = (
+        "import torch; from cbam import CBAM, create_model, fuse; from cbam.fused import native_status;"
+        "print(native_status().split(' (')[0]); m = CBAM(16); x = torch.randn(2, 16, 5, 5, requires_grad=True);"
+        "out = m(x); print(native_status()); print(torch.equal(out, m.forward_reference(x)));"
+        "out.sum().backward(); print(bool(torch.isfinite(x.grad).all()));"
+        "net = create_model('cifar_resnet20', attention='cbam', num_classes=10); print(len(fuse(net)));"
+        "net(torch.randn(2, 3, 32, 32)).sum().backward(); print(net.layer1[0].bn2.num_batches_tracked.item())"
+    )
+    env = {**os.environ, "CBAM_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    # (9 blocks fused; each block's last BatchNorm ran on its own, once)
+    assert out.split("\n")[:6] == ["not built yet", "disabled by CBAM_NATIVE=0", "True", "True", "9", "1"]

@@ -1,17 +1,19 @@
 """The inference operator writing a block's output over the block's last convolution output (``inplace``):
-``cbam_cpu::forward_inference_`` gives exactly what ``forward_inference`` returns, blocks hand their convolution's
-output over only when no hook sees it, and a compiled network runs the operator in place (no copy of the map)."""
+``cbam_cpu::forward_inference_`` gives exactly what ``forward_inference`` returns, fused blocks hand their
+convolution's output over only when no hook sees it, and a compiled fused network runs the operator in place (no copy
+of the map)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from batchnorm_helpers import randomise
+from fused_helpers import randomise, randomise_all
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
-from cbam import CBAM, create_model
-from cbam.layers.memory import residual_tail
+from cbam import CBAM, create_model, fuse
+from cbam.fused.function import cbam_fused
+from cbam.models.resnet import BasicBlock
 
 CL = torch.channels_last
 
@@ -89,7 +91,9 @@ def test_in_place_operator_registration():
     )
 
 
-def test_residual_tail_overwrites_x_only_at_inference_when_allowed():
+def test_inplace_overwrites_x_only_at_inference():
+    """cbam_fused(..., inplace=True) writes the result over x only where the single inference operator runs;
+    without ``inplace`` x is the caller's and is left alone."""
     torch.manual_seed(0)
     m, bn, sbn = CBAM(16, reduction=4).eval(), randomise(nn.BatchNorm2d(16)).eval(), randomise(nn.BatchNorm2d(16))
     sbn.eval()
@@ -98,22 +102,49 @@ def test_residual_tail_overwrites_x_only_at_inference_when_allowed():
 
     with torch.no_grad():
         kept = y.clone()
-        out = residual_tail(bn, m, kept, s, sbn)  # inplace not given: y is the caller's
+        out = cbam_fused(m, kept, s, norm=bn, residual_norm=sbn)  # inplace not given: y is the caller's
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(kept, y)
         given = y.clone()
-        out = residual_tail(bn, m, given, s, sbn, inplace=True)
+        out = cbam_fused(m, given, s, norm=bn, residual_norm=sbn, inplace=True)
         assert out.data_ptr() == given.data_ptr()
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
     given = y.clone()  # with gradients (the module's parameters need them) nothing is overwritten
-    out = residual_tail(bn, m, given, s, sbn, inplace=True)
+    out = cbam_fused(m, given, s, norm=bn, residual_norm=sbn, inplace=True)
     assert torch.equal(given, y)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     m.train()
     with torch.no_grad():  # batch statistics in the spatial gate: several operators, x left alone
         given = y.clone()
-        residual_tail(bn, m, given, s, sbn, inplace=True)
+        cbam_fused(m, given, s, norm=bn, residual_norm=sbn, inplace=True)
+        assert torch.equal(given, y)
+
+
+def test_residual_tail_of_a_fused_block_overwrites_the_convolution_output_at_inference():
+    """FusedBlock.residual_tail(norm, attn, x, shortcut, shortcut_norm) is relu(attn(norm(x)) + shortcut_norm(shortcut))
+    for the output x of the block's last convolution, which it overwrites only at inference."""
+    torch.manual_seed(0)
+    block = BasicBlock(16, 16, attn_layer=CBAM, attn_kwargs={"reduction": 4})
+    randomise_all(block).eval()
+    sbn = randomise(nn.BatchNorm2d(16)).eval()
+    assert fuse(block) == [""]
+    y, s = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
+    expected = torch.relu(block.attn.forward_reference(block.bn2(y)) + sbn(s)).detach()
+    for shortcut_norm, shortcut in ((sbn, s), (None, sbn(s).detach())):
+        with torch.no_grad():
+            given = y.clone()
+            out = block.residual_tail(block.bn2, block.attn, given, shortcut, shortcut_norm)
+        assert out.data_ptr() == given.data_ptr()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        given = y.clone()
+        out = block.residual_tail(block.bn2, block.attn, given, shortcut, shortcut_norm)  # gradients: x kept
+        assert torch.equal(given, y) and out.requires_grad
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    block.train()
+    with torch.no_grad():  # batch statistics: several operators, x left alone
+        given = y.clone()
+        block.residual_tail(block.bn2, block.attn, given, s, sbn)
         assert torch.equal(given, y)
 
 
@@ -127,14 +158,13 @@ def test_residual_tail_overwrites_x_only_at_inference_when_allowed():
     ],
 )
 def test_a_hooked_convolution_keeps_its_output(name, conv, after):
-    """A hook that keeps a layer's convolution output (a feature extractor) finds it intact after the attention
-    ran; without hooks the attention's output (the block's, or what the activation after it reads) goes over it,
-    and the network gives the same numbers either way."""
+    """In a fused network, a hook that keeps a layer's convolution output (a feature extractor) finds it intact after
+    the attention ran; without hooks the attention's output (the block's, or what the activation after it reads) goes
+    over it. The network gives the same numbers either way (up to rounding: while the hook is there, its block runs
+    its plain forward, the BatchNorm not folded)."""
     torch.manual_seed(0)
-    net = create_model(name, attention="cbam", num_classes=10).eval()
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            randomise(module)
+    net = randomise_all(create_model(name, attention="cbam", num_classes=10)).eval()
+    assert fuse(net)
     x = torch.randn(2, 3, 32, 32)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     block = next(b for b in net.modules() if hasattr(b, conv) and any(hasattr(b, a) for a in ("attn", "attn_pw")))
@@ -155,17 +185,15 @@ def test_a_hooked_convolution_keeps_its_output(name, conv, after):
         plain = net(x)
     conv_out, attn_out = caught
     assert conv_out.data_ptr() == attn_out.data_ptr()
-    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_network_runs_the_operator_in_place():
-    """Inductor re-inplaces the functionalised operator onto the convolution's output: the generated code calls
-    forward_inference_ and copies no map for it, and gives the eager numbers."""
+    """Inductor re-inplaces the functionalised operator onto the convolution's output: the generated code of a fused
+    network calls forward_inference_ and copies no map for it, and gives the eager numbers."""
     torch.manual_seed(0)
-    net = create_model("resnet18", attention="cbam", num_classes=10).eval()
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            randomise(module)
+    net = randomise_all(create_model("resnet18", attention="cbam", num_classes=10)).eval()
+    assert len(fuse(net)) == 8
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = net(x)

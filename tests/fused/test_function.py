@@ -1,8 +1,7 @@
-"""The fused CBAM path against the reference path: values, gradients, BatchNorm state, formats, dtypes, ties.
-
-Tests that take the ``path`` fixture run once per eager formulation of the fused path: the hand-written CPU kernels
-("native", ``fused_cpu.py``) and the composition of PyTorch operators ("eager", what CUDA and CPUs without a
-compiler use). The torch.compile test runs the "traced" formulation (what Inductor fuses) and the native one."""
+"""The fused CBAM computation (``cbam.fused.function``) against the reference path: values, gradients, BatchNorm
+state, formats, dtypes, ties, saved tensors, torch.compile, the residual tail; and how ``CBAM.forward`` dispatches to
+it on the CPU. Tests that take the ``native`` fixture need the hand-written kernels (skipped where they cannot be
+built); the reference path is ``CBAM.forward_reference``."""
 
 from __future__ import annotations
 
@@ -10,31 +9,24 @@ import copy
 
 import pytest
 import torch
+from fused_helpers import randomise_all
 from torch import nn
 
-from cbam import CBAM
-from cbam.layers import cbam_fused as fused_module
-from cbam.layers import fused_cpu
-from cbam.layers.cbam_fused import cbam_fused, fused_supported
+from cbam import CBAM, create_model, fuse
+from cbam.fused import FusedBlock, blocks, function
+from cbam.fused.function import cbam_fused, cpu_kernel, supported
+from cbam.layers import reference_only
+from cbam.layers.dispatch import registered_kernels
 
 CL = torch.channels_last
 
 
-@pytest.fixture(params=["native", "eager"])
-def path(request, monkeypatch):
-    """Pins the fused path's formulation (the native kernels must build here: CI has a C++ compiler)."""
-    if request.param == "native":
-        assert fused_cpu.native_available(), fused_cpu.native_status()
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", request.param)
-    return request.param
-
-
 # ---------------------------------------------------------------- helpers
 def _make(channels: int = 16, seed: int = 0, **kwargs) -> CBAM:
-    """A reference-path CBAM with every bias and BN affine parameter random (the presets start many at 0)."""
+    """A CBAM with every bias and BN affine parameter random (the presets start many at 0)."""
     torch.manual_seed(seed)
     kwargs.setdefault("reduction", 4)
-    m = CBAM(channels, implementation="reference", **kwargs)
+    m = CBAM(channels, **kwargs)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -49,7 +41,7 @@ def _make(channels: int = 16, seed: int = 0, **kwargs) -> CBAM:
 def _run(m: CBAM, x: torch.Tensor, dout: torch.Tensor | None, fused: bool):
     """Output, input gradient, parameter gradients and buffers after one forward (+ backward if dout is given)."""
     x = x.detach().clone().requires_grad_(dout is not None)
-    out = cbam_fused(m, x) if fused else m(x)
+    out = cbam_fused(m, x) if fused else m.forward_reference(x)
     if dout is not None:
         out.backward(dout)
     grads = {k: p.grad for k, p in m.named_parameters()}
@@ -107,15 +99,15 @@ def _x(shape, seed: int = 1, fmt=torch.contiguous_format, dtype=torch.float32) -
 @pytest.mark.parametrize("preset", ["paper", "seed", "timm"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_presets_formats_modes(path, preset, fmt, training):
+def test_presets_formats_modes(native, preset, fmt, training):
     m = _make(32, preset=preset, reduction=None).train(training)
-    assert fused_supported(m) is None
+    assert supported(m) is None
     _compare(m, _x((3, 32, 6, 5), fmt=fmt))
 
 
 @pytest.mark.parametrize("pool_types", [("avg",), ("max",), ("avg", "max"), ("max", "avg")])
 @pytest.mark.parametrize("kernel_size", [3, 7])
-def test_pool_subsets_and_kernels(path, pool_types, kernel_size):
+def test_pool_subsets_and_kernels(native, pool_types, kernel_size):
     _compare(_make(pool_types=pool_types, kernel_size=kernel_size), _x((2, 16, 7, 6)))
 
 
@@ -133,38 +125,27 @@ def test_pool_subsets_and_kernels(path, pool_types, kernel_size):
     ],
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_options(path, kwargs, training):
+def test_options(native, kwargs, training):
     m = _make(**kwargs).train(training)
-    assert fused_supported(m) is None
+    assert supported(m) is None
     _compare(m, _x((2, 16, 5, 4), fmt=CL if training else torch.contiguous_format))
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 1, 1), (3, 16, 1, 1), (1, 16, 1, 5), (1, 16, 13, 2), (2, 16, 3, 1)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_tiny_and_degenerate_shapes(path, shape, training):
+def test_tiny_and_degenerate_shapes(native, shape, training):
     # batch 1 at 1 x 1 in training: the reference normalises with the running statistics and keeps them
     _compare(_make().train(training), _x(shape))
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_odd_shapes(path, fmt):
+def test_odd_shapes(native, fmt):
     m = _make(5, hidden=3)
     _compare(m, _x((3, 5, 5, 7), fmt=fmt))
     _compare(_make(7, hidden=2, kernel_size=3), _x((1, 7, 9, 3), fmt=fmt))
 
 
-@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_blocked_eager_passes(monkeypatch, fmt, training):
-    """Tiny block budgets force every eager pass to split samples along C or H x W and to group samples."""
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", "eager")
-    monkeypatch.setattr(fused_module, "_BLOCK_ELEMS", 40)
-    monkeypatch.setattr(fused_module, "_GROUP_BYTES", 2000)
-    _compare(_make(24, seed=3).train(training), _x((5, 24, 6, 7), fmt=fmt))
-    _compare(_make(24, seed=3, spatial=False).train(training), _x((5, 24, 6, 7), fmt=fmt))
-
-
-def test_strided_input_and_dout(path):
+def test_strided_input_and_dout(native):
     m = _make()
     base = _x((2, 16, 6, 10))
     x = base[:, :, :, ::2]  # neither NCHW- nor channels-last-contiguous
@@ -172,18 +153,18 @@ def test_strided_input_and_dout(path):
     # an expanded gradient (what .sum().backward() passes)
     fused_m = copy.deepcopy(m)
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    m(xr).sum().backward()
+    m.forward_reference(xr).sum().backward()
     cbam_fused(fused_m, xf).sum().backward()
     _close(xf.grad, xr.grad, 1e-5)
 
 
-def test_running_stats_over_several_steps_and_cumulative_momentum(path):
+def test_running_stats_over_several_steps_and_cumulative_momentum(native):
     m = _make(preset="timm", reduction=None)
     m.spatial.norm.momentum = None  # cumulative moving average: factor 1 / num_batches_tracked
     fused_m = copy.deepcopy(m)
     for step in range(3):
         x = _x((2, 16, 5, 5), seed=10 + step)
-        _close(cbam_fused(fused_m, x), m(x), 1e-5)
+        _close(cbam_fused(fused_m, x), m.forward_reference(x), 1e-5)
     for name, buf in m.named_buffers():
         got = dict(fused_m.named_buffers())[name]
         if buf.is_floating_point():
@@ -193,29 +174,29 @@ def test_running_stats_over_several_steps_and_cumulative_momentum(path):
     assert int(fused_m.spatial.norm.num_batches_tracked) == 3
 
 
-def test_no_grad_and_frozen_parameters(path):
+def test_no_grad_and_frozen_parameters(native):
     m = _make()
     x = _x((2, 16, 5, 6))
     with torch.no_grad():
-        _close(cbam_fused(copy.deepcopy(m), x), m(x), 1e-5)
-        # eval mode: nothing to keep and no batch statistics (the native path runs the module as one operator)
+        _close(cbam_fused(copy.deepcopy(m), x), m.forward_reference(x), 1e-5)
+        # eval mode: nothing to keep and no batch statistics (the kernels run the module as one operator)
         for kwargs in ({}, {"spatial": False}, {"spatial_norm": False, "spatial_bias": True}, {"pool_types": ("max",)}):
             me = _make(**kwargs).eval()
             for fmt in (torch.contiguous_format, CL):
                 xe = x.contiguous(memory_format=fmt)
                 out = cbam_fused(copy.deepcopy(me), xe)
-                _close(out, me(xe), 1e-5)
+                _close(out, me.forward_reference(xe), 1e-5)
                 assert out.is_contiguous(memory_format=fmt)
     # x without grad, parameters with grad
     fm = copy.deepcopy(m)
-    m(x).square().sum().backward()
+    m.forward_reference(x).square().sum().backward()
     cbam_fused(fm, x).square().sum().backward()
     for p, q in zip(m.parameters(), fm.parameters(), strict=True):
         _close(q.grad, p.grad, 1e-5)
     # x with grad, parameters frozen
     fm = copy.deepcopy(m).requires_grad_(False)
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    copy.deepcopy(m).requires_grad_(False)(xr).square().sum().backward()
+    copy.deepcopy(m).requires_grad_(False).forward_reference(xr).square().sum().backward()
     cbam_fused(fm, xf).square().sum().backward()
     _close(xf.grad, xr.grad, 1e-5)
     assert all(p.grad is None for p in fm.parameters())
@@ -242,7 +223,7 @@ class _Fused(nn.Module):
         ({"spatial": False}, True, CL),
     ],
 )
-def test_gradcheck_float64_input_and_all_parameters(path, kwargs, training, fmt):
+def test_gradcheck_float64_input_and_all_parameters(native, kwargs, training, fmt):
     m = _make(8, **{"reduction": 2, **kwargs}).double().train(training)
     wrapper = _Fused(m)
     names = [k for k, _ in wrapper.named_parameters()]
@@ -259,7 +240,7 @@ def test_gradcheck_float64_input_and_all_parameters(path, kwargs, training, fmt)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_half_precision(path, dtype, fmt, training):
+def test_half_precision(native, dtype, fmt, training):
     """Half inputs and parameters against a float64 reference on the same values (few distinct values in bf16 make
     exact ties likely, and the reference splits their gradient: each plane holds distinct values here)."""
     m = _make(32).train(training)
@@ -285,16 +266,16 @@ def test_half_precision(path, dtype, fmt, training):
         _close(got[3][k].double(), b.double(), rel)
 
 
-def test_under_cpu_autocast(path):
+def test_under_cpu_autocast(native):
     m = _make(32)
     x = _x((2, 32, 6, 6))
     fm = copy.deepcopy(m)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = m(x.clone().requires_grad_())
+        ref = m.forward_reference(x.clone().requires_grad_())
         xf = x.clone().requires_grad_()
         out = cbam_fused(fm, xf)
     assert out.dtype == ref.dtype == torch.float32
-    exact = copy.deepcopy(m)(x)  # float32 without autocast: the fused path computes in float32 inside
+    exact = copy.deepcopy(m).forward_reference(x)  # float32 without autocast: the kernels compute in float32 inside
     _close(out, exact, 1e-5)
     _close(out, ref, 3e-2)
     out.sum().backward()
@@ -307,7 +288,7 @@ def _tied_module() -> CBAM:
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_ties_in_the_channel_max_go_to_the_first_position(path, fmt):
+def test_ties_in_the_channel_max_go_to_the_first_position(native, fmt):
     m = _tied_module()
     x = _x((2, 6, 4, 5), dtype=torch.double)
     top = x.amax(dim=(2, 3), keepdim=True) + 1.0
@@ -328,7 +309,7 @@ def test_ties_in_the_channel_max_go_to_the_first_position(path, fmt):
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("tied", [(0, 1), (5, 10)])  # 5 = 0 * 8 + 5, 10 = 1 * 8 + 2
-def test_ties_in_the_spatial_max_go_to_the_first_channel(path, fmt, tied):
+def test_ties_in_the_spatial_max_go_to_the_first_channel(native, fmt, tied):
     m = _make(16, hidden=3, kernel_size=3).double()  # 16 channels: two levels (2 x 8) in channels-last
     with torch.no_grad():
         m.channel.fc2.bias.fill_(100.0)  # channel gate exactly 1.0 for every channel
@@ -347,7 +328,7 @@ def test_ties_in_the_spatial_max_go_to_the_first_channel(path, fmt, tied):
 
 # ---------------------------------------------------------------- memory: only x and small tensors are saved
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
-def test_saves_only_the_input_and_small_tensors(path, fmt):
+def test_saves_only_the_input_and_small_tensors(native, fmt):
     m = _make(64, spatial_bias=True)
     x = _x((4, 64, 12, 12), fmt=fmt).requires_grad_()
     saved = []
@@ -374,21 +355,24 @@ def test_saves_only_the_input_and_small_tensors(path, fmt):
         ({"act_layer": "silu"}, "SiLU"),
     ],
 )
-def test_unsupported_configurations_give_a_reason(kwargs, words):
-    m = CBAM(16, 4, implementation="reference", **kwargs)
-    reason = fused_supported(m)
+def test_unsupported_configurations_give_a_reason_and_run_the_reference(kwargs, words):
+    m = CBAM(16, 4, **kwargs)
+    reason = supported(m)
     assert isinstance(reason, str) and words in reason
-    with pytest.raises(ValueError, match="fused path does not support"):
+    with pytest.raises(ValueError, match="the fused CPU kernels do not compute"):
         cbam_fused(m, torch.randn(1, 16, 4, 4))
+    x = torch.randn(2, 16, 4, 4)
+    assert cpu_kernel(m, x) is None  # the dispatch table's kernel declines: CBAM.forward computes the reference
+    torch.testing.assert_close(m(x), m.forward_reference(x), rtol=0, atol=0)
 
 
 def test_supported_configurations():
     for preset in ("paper", "seed", "timm"):
-        assert fused_supported(CBAM(32, preset=preset, implementation="reference")) is None
-    assert fused_supported(CBAM(32, spatial=False, implementation="reference")) is None
-    m = CBAM(32, implementation="reference")
+        assert supported(CBAM(32, preset=preset)) is None
+    assert supported(CBAM(32, spatial=False)) is None
+    m = CBAM(32)
     m.spatial.conv.dilation = (2, 2)
-    assert "convolution" in fused_supported(m)
+    assert "convolution" in supported(m)
 
 
 @pytest.mark.parametrize(
@@ -399,23 +383,131 @@ def test_supported_configurations():
         (torch.ones(2, 16, 4, 4, dtype=torch.int64), TypeError, "floating-point"),
     ],
 )
-def test_bad_inputs(x, error, words):
-    with pytest.raises(error, match=words):
-        cbam_fused(CBAM(16, 4, implementation="reference"), x)
+def test_bad_inputs(native, x, error, words):
+    with pytest.raises(error, match=words) as info:
+        cbam_fused(CBAM(16, 4), x)
+    assert "CBAM" in str(info.value)
+
+
+# ---------------------------------------------------------------- CBAM.forward's dispatch on the CPU
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the fused computations, from fused blocks and from CBAM modules."""
+    calls = []
+    for module in (blocks, function):
+        original = module.cbam_fused
+        monkeypatch.setattr(module, "cbam_fused", lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    return calls
+
+
+def test_the_module_runs_the_kernels_with_and_without_gradients(native, kernel_calls):
+    """``cbam`` registers the CPU kernel; CBAM.forward runs it (the same bits as cbam_fused), with gradients and
+    without (then nothing is kept); inside reference_only() the reference path runs instead."""
+    assert registered_kernels()["cpu"] is cpu_kernel
+    m = _make(16)
+    x = _x((2, 16, 5, 5))
+    out = m(x.clone().requires_grad_())
+    assert kernel_calls == [1]
+    assert torch.equal(out, cbam_fused(copy.deepcopy(m), x.clone().requires_grad_()))
+    saved = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m.eval()(x)
+    assert kernel_calls == [1, 1] and saved == []
+    with reference_only():
+        ref = m(x)
+        with reference_only():  # nested
+            m(x)
+        m(x)
+    assert kernel_calls == [1, 1]
+    torch.testing.assert_close(ref, m.forward_reference(x), rtol=0, atol=0)
+    m(x)
+    assert kernel_calls == [1, 1, 1]  # the kernels again after the block
+
+
+@pytest.mark.parametrize("where", ["module", "channel.fc1", "spatial.conv", "spatial.norm"])
+def test_hooks_see_what_they_saw_on_the_reference_path(native, kernel_calls, where):
+    """A forward hook on a gate's own module makes that call compute the reference path (the kernels do not call the
+    gate's modules), so the hook sees the module's output; a hook on the module itself sees the module's output, which
+    the kernels compute."""
+    m = _make(16)  # training mode: the spatial BatchNorm module runs (in eval the reference calls F.batch_norm)
+    x = _x((2, 16, 5, 5))
+    target = m if where == "module" else m.get_submodule(where)
+    seen = []
+    handle = target.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        out = m(x)
+    finally:
+        handle.remove()
+    assert kernel_calls == ([1] if where == "module" else []) and len(seen) == 1
+    expected = {"module": m.forward_reference(x), "channel.fc1": None, "spatial.conv": None, "spatial.norm": None}
+    if where == "channel.fc1":
+        expected[where] = m.channel.fc1(torch.stack([x.mean((2, 3)), x.amax((2, 3))]))
+    elif where != "module":
+        refined = m.channel(x)
+        logits = m.spatial.conv(m.spatial.compressed(refined))
+        expected["spatial.conv"] = logits
+        expected["spatial.norm"] = m.spatial.logits(refined)
+    torch.testing.assert_close(seen[0], expected[where])
+    torch.testing.assert_close(out, m.forward_reference(x))
+    kernel_calls.clear()
+    m(x)
+    assert kernel_calls == [1]  # hook removed: the kernels again
+
+
+# ---------------------------------------------------------------- fused networks: global hooks, reference_only
+def test_a_global_hook_sees_the_modules_that_run(native, kernel_calls):
+    """A global module hook (as FlopCounterMode registers to follow the module tree) leaves the fused blocks fused: it
+    sees the modules that run, the fused blocks and the modules they call."""
+    torch.manual_seed(0)
+    net = randomise_all(create_model("cifar_resnet20", attention="cbam", num_classes=10)).eval()
+    fused = copy.deepcopy(net)
+    fuse(fused)
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append(m))
+    try:
+        with torch.no_grad():
+            got = fused(x)
+    finally:
+        handle.remove()
+    assert len(kernel_calls) == 9
+    blocks_seen = [m for m in seen if isinstance(m, FusedBlock)]
+    assert len(blocks_seen) == 9 and all(m.bn1 in seen and m.bn2 not in seen for m in blocks_seen)
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_only_reaches_fused_blocks(native, kernel_calls):
+    """Inside reference_only() every CBAM computes its reference path, in a fused network too."""
+    torch.manual_seed(0)
+    net = randomise_all(create_model("mobilenet_v1", attention="cbam", num_classes=10, width_mult=0.25)).eval()
+    fused = copy.deepcopy(net)
+    fuse(fused)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        kernel_calls.clear()
+        with reference_only():
+            got = fused(x)
+            assert kernel_calls == []
+            torch.testing.assert_close(got, net(x), rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        fused(x)
+    assert len(kernel_calls) == 27  # 27 CBAM modules, each in the kernels after the block
 
 
 # ---------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("formulation", ["traced", "native"])
-def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(monkeypatch, formulation):
-    monkeypatch.setattr(fused_module, "_PATH_OVERRIDE", formulation)
+def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(native):
+    """The module compiled whole (its dispatch included) runs the kernels without a graph break: the reference's
+    numbers, only x kept among the full-size tensors, the first maxima of exact ties, channels-last maps."""
     m = _make(16)
     fm = copy.deepcopy(m)
-    compiled = torch.compile(cbam_fused, fullgraph=True)
+    compiled = torch.compile(fm, fullgraph=True)
     x = _x((2, 16, 6, 5))
     dout = torch.randn(x.shape)
     ref = _run(m, x, dout, fused=False)
     xc = x.clone().requires_grad_()
-    out = compiled(fm, xc)
+    out = compiled(xc)
     out.backward(dout)
     _close(out, ref[0], 1e-5)
     _close(xc.grad, ref[1], 1e-5)
@@ -423,10 +515,10 @@ def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(monkeyp
         _close(p.grad, ref[2][k], 1e-5)
     for k, b in fm.named_buffers():
         _close(b.float(), ref[3][k].float(), 1e-5)
-    # the compiled graph, too, keeps only x among the full-size tensors for backward
+    # the compiled graph keeps only x among the full-size tensors for backward: the kernels ran, not the reference
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        compiled(fm, xc)
+        compiled(xc)
     big = [t for t in saved if t.numel() * 2 > x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == xc.data_ptr()
     # exact ties in both max pools: the compiled path picks the same (first) maxima as the eager one
@@ -439,15 +531,15 @@ def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(monkeyp
             mod.channel.fc2.bias[1] = mod.channel.fc2.bias[0]
     eager_x, comp_x = tied.clone().requires_grad_(), tied.clone().requires_grad_()
     cbam_fused(m, eager_x).backward(dout)
-    compiled(fm, comp_x).backward(dout)
+    compiled(comp_x).backward(dout)
     _close(comp_x.grad, eager_x.grad, 1e-5)
-    # channels-last input (a recompile: the traced formulation follows the memory order), eval mode
+    # channels-last input, eval mode
     fm.load_state_dict(m.state_dict())  # the running statistics saw different numbers of steps above
     m.eval(), fm.eval()
     x_cl = x.contiguous(memory_format=CL)
     ref = _run(m, x_cl, dout, fused=False)
     xc = x_cl.clone().requires_grad_()
-    out = compiled(fm, xc)
+    out = compiled(xc)
     out.backward(dout)
     assert out.is_contiguous(memory_format=CL)
     _close(out, ref[0], 1e-5)
@@ -460,14 +552,14 @@ def test_torch_compile_fullgraph_forward_backward_ties_and_channels_last(monkeyp
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kwargs", [{}, {"spatial": False}], ids=["cbam", "channel_only"])
-def test_residual_addition_and_relu(path, fmt, training, kwargs):
+def test_residual_addition_and_relu(native, fmt, training, kwargs):
     m = _make(16, **kwargs).train(training)
     x = _x((3, 16, 6, 5), fmt=fmt)
     r = _x((3, 16, 6, 5), seed=4, fmt=CL if fmt == torch.contiguous_format else torch.contiguous_format)
     dout = torch.randn(x.shape)
     fm = copy.deepcopy(m)
     xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
-    expected = torch.relu(m(xr) + rr)
+    expected = torch.relu(m.forward_reference(xr) + rr)
     expected.backward(dout)
     xf, rf = x.clone().requires_grad_(), r.clone().requires_grad_()
     got = cbam_fused(fm, xf, residual=rf)
@@ -480,12 +572,12 @@ def test_residual_addition_and_relu(path, fmt, training, kwargs):
     for (k, p), q in zip(m.named_parameters(), fm.parameters(), strict=True):
         if not k.endswith("conv.bias"):
             _close(q.grad, p.grad, 1e-5, 0.01 * largest)
-    with torch.no_grad():  # eval without gradients: the native path's single operator
+    with torch.no_grad():  # eval without gradients: the single inference operator
         me = copy.deepcopy(m).eval()
-        _close(cbam_fused(copy.deepcopy(me), x, residual=r), torch.relu(me(x) + r), 1e-5)
+        _close(cbam_fused(copy.deepcopy(me), x, residual=r), torch.relu(me.forward_reference(x) + r), 1e-5)
 
 
-def test_residual_gradcheck_float64(path):
+def test_residual_gradcheck_float64(native):
     m = _make(8, reduction=2).double()
     x = _x((2, 8, 3, 4), dtype=torch.double).requires_grad_()
     r = _x((2, 8, 3, 4), seed=3, dtype=torch.double).requires_grad_()
@@ -508,7 +600,7 @@ class _FusedTail(nn.Module):
         return cbam_fused(self.m, x, residual=r)
 
 
-def test_residual_keeps_only_the_input_and_the_output(path):
+def test_residual_keeps_only_the_input_and_the_output(native):
     m = _make(64)
     x = _x((4, 64, 12, 12)).requires_grad_()
     r = _x((4, 64, 12, 12), seed=2).requires_grad_()

@@ -8,12 +8,14 @@ import copy
 
 import pytest
 import torch
-from batchnorm_helpers import randomise
+from fused_helpers import randomise, randomise_all
 from torch import nn
 
-from cbam import CBAM, create_model
-from cbam.layers.cbam_fused import cbam_fused
-from cbam.layers.memory import split_shortcut
+from cbam import CBAM, create_model, fuse
+from cbam.fused.blocks import FusedBasicBlock, split_shortcut
+from cbam.fused.function import cbam_fused
+from cbam.layers import reference_only
+from cbam.models.resnet import BasicBlock
 
 CL = torch.channels_last
 
@@ -152,44 +154,83 @@ def test_residual_norm_needs_a_residual_and_the_operator_checks_its_arguments():
 
 def test_split_shortcut():
     """Before a CBAM, torchvision's downsampling shortcut (conv1x1, BatchNorm2d) runs without its BatchNorm, which is
-    handed back; an identity, another form, modules observed by hooks, or any other attention run it whole."""
+    handed back; an identity or another form runs whole."""
     x = torch.randn(2, 4, 6, 6)
     conv, norm = nn.Conv2d(4, 8, 1, stride=2, bias=False), randomise(nn.BatchNorm2d(8)).eval()
-    downsample, cbam = nn.Sequential(conv, norm), CBAM(8, reduction=4)
-    assert split_shortcut(None, x, cbam) == (x, None)
-    out, left = split_shortcut(downsample, x, cbam)
+    downsample = nn.Sequential(conv, norm)
+    assert split_shortcut(None, x) == (x, None)
+    out, left = split_shortcut(downsample, x)
     assert left is norm
     torch.testing.assert_close(out, conv(x))
-    for whole, attn in [(nn.Sequential(nn.Sequential(conv, norm)), cbam), (conv, cbam), (downsample, nn.Identity())]:
-        out, left = split_shortcut(whole, x, attn)
+    for whole in (nn.Sequential(nn.Sequential(conv, norm)), conv, nn.Sequential(norm.__class__(4).eval())):
+        out, left = split_shortcut(whole, x)
         assert left is None
         torch.testing.assert_close(out, whole(x))
-    for observed in (downsample, norm):
-        handle = observed.register_forward_hook(lambda *args: None)
-        out, left = split_shortcut(downsample, x, cbam)
+
+
+@pytest.mark.parametrize("observed", ["downsample", "downsample.1", "downsample.0"])
+def test_a_hooked_shortcut_runs_whole_in_a_fused_block(observed):
+    """A hook on the shortcut (or a module inside it) of a fused block: the block runs its plain forward, so the hook
+    sees what it saw before fusion, and the numbers are the same."""
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), randomise(nn.BatchNorm2d(16)))
+    block = BasicBlock(8, 16, 2, downsample=downsample, attn_layer=CBAM, attn_kwargs={"reduction": 4})
+    randomise_all(block).eval()
+    fused = copy.deepcopy(block)
+    assert fuse(fused) == [""] and type(fused) is FusedBasicBlock
+    x = torch.randn(2, 8, 8, 8)
+    seen = {}
+    for label, net in (("plain", block), ("fused", fused)):
+        handle = net.get_submodule(observed).register_forward_hook(lambda m, a, out, k=label: seen.setdefault(k, out))
+        with torch.no_grad():
+            out = net(x)
         handle.remove()
-        assert left is None
-        torch.testing.assert_close(out, downsample(x))
+        seen[label + " out"] = out
+    torch.testing.assert_close(seen["fused"], seen["plain"], rtol=0, atol=0)
+    torch.testing.assert_close(seen["fused out"], seen["plain out"], rtol=1e-5, atol=1e-6)
+
+
+def _networks(name: str, fmt: torch.memory_format) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """An eval-mode ResNet with every BatchNorm's statistics moved away from the identity, its fused copy, an input."""
+    torch.manual_seed(0)
+    separate = randomise_all(create_model(name, attention="cbam", num_classes=10)).eval()
+    fused = copy.deepcopy(separate)
+    assert fuse(fused)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    return fused.to(memory_format=fmt), separate.to(memory_format=fmt), x
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
 def test_networks_at_inference_give_the_same_numbers(name, fmt):
-    """Eval-mode ResNets with every BatchNorm's statistics moved away from the identity: the fused network (shortcut
-    BatchNorms folded) against the same weights with the tail left to the block, eager and compiled."""
-    torch.manual_seed(0)
-    fused = create_model(name, attention="cbam", num_classes=10).eval()
-    for module in fused.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            randomise(module)
-    separate = create_model(name, attention="cbam", num_classes=10, fuse_residual=False).eval()
-    separate.load_state_dict(fused.state_dict())
-    fused, separate = fused.to(memory_format=fmt), separate.to(memory_format=fmt)
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    """The fused network (shortcut BatchNorms folded: they never run as modules) against the unfused one on the
+    reference path."""
+    fused, separate, x = _networks(name, fmt)
     norms = [b.downsample[-1] for b in fused.modules() if getattr(b, "downsample", None) is not None]
     counters = [_Calls(n) for n in norms]
     with torch.no_grad():
-        expected = separate(x)
-        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
-        assert counters and all(c.count == 0 for c in counters)
+        with reference_only():
+            expected = separate(x)
+        got = fused(x)
+    assert counters and all(c.count == 0 for c in counters)
+    assert got.is_contiguous(memory_format=fmt) == expected.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, fmt",
+    [
+        ("resnet50", CL),
+        pytest.param("resnet18", CL, marks=pytest.mark.slow),
+        pytest.param("resnet18", torch.contiguous_format, marks=pytest.mark.slow),
+        pytest.param("resnet50", torch.contiguous_format, marks=pytest.mark.slow),
+    ],
+    ids=["resnet50-channels_last", "resnet18-channels_last", "resnet18-nchw", "resnet50-nchw"],
+)
+def test_compiled_networks_at_inference_give_the_same_numbers(name, fmt):
+    """The same, compiled (about 10 s a network: one case by default, the others with -m slow)."""
+    fused, separate, x = _networks(name, fmt)
+    with torch.no_grad():
+        with reference_only():
+            expected = separate(x)
         torch.testing.assert_close(torch.compile(fused)(x), expected, rtol=1e-5, atol=1e-5)

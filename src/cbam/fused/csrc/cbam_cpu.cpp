@@ -1,4 +1,4 @@
-// Fused CPU kernels for CBAM (the computation they serve, and the reasons, are in ../fused_cpu.py).
+// Fused CPU kernels for CBAM (what they compute, and why so, is in ../kernels.py and ../function.py).
 //
 // Every kernel sees a feature map as a dense (N, R, K) array whose last dimension is contiguous: R = C and K = H*W
 // for NCHW, R = H*W and K = C for channels-last. A "row" is one (n, r) run of K elements. Per-channel (N, C) and

@@ -1,8 +1,6 @@
-"""The fused CBAM path on the CPU through hand-written kernels (``csrc/cbam_cpu.cpp``).
-
-Composed of PyTorch operators, CBAM's full-size work costs many passes over memory, and Inductor's loops for the
-reductions over channels of an NCHW map stride across all channels at once (measured: 2.2 copies' time for the pair
-of pools that ideally cost half a copy). These kernels do each full-size pass once, at memory speed:
+"""The fused CBAM computation on the CPU: the passes over full-size maps by the hand-written kernels
+(``torch.ops.cbam_cpu``, see ``native.py``), the small parts (MLP, the spatial convolution's BatchNorm, sigmoids and
+their backward) by PyTorch operators.
 
 * forward: each thread takes its samples a bunch (about 2 MB) at a time, from the last one (the part of the map
   its producer wrote last, the likeliest still in the cache), and runs the bunch's passes back to back while it
@@ -16,146 +14,85 @@ of pools that ideally cost half a copy). These kernels do each full-size pass on
   maps' terms of the channel gate's gradient from one more read of ``x``, and ``dx`` written once (the max pools'
   gradients, each to its first arg-max element, inside that pass).
 
-With a BatchNorm in front of the module (a ResNet block's last one, folded by ``cbam_fused(..., norm=bn)``), the
-kernels read the BatchNorm's input ``y`` and apply ``y * scale + shift`` as they go: its batch statistics take one
-read of ``y`` (``channel_stats``), and its backward rides on the three backward passes (``affine_cross_sums``
-gives the per-channel sums it needs; ``input_grad`` adds its batch-statistics term), see ``_backward_folded``.
-At inference, the BatchNorm of a downsampling block's shortcut (``cbam_fused(..., residual_norm=bn)``) is folded
-the same way into the output pass's read of the residual, so the block's shortcut is never normalised on its own.
-
-The small parts (MLP backward, BatchNorm of the spatial logits, sigmoids) stay PyTorch operators. The kernels are
-compiled on first use with :func:`torch.utils.cpp_extension.load` (about 30 s once; cached by PyTorch in
-``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``, one build per instruction-set level) and called as
-``torch.ops.cbam_cpu`` operators, so ``torch.compile`` traces them without graph breaks. Without a C++ compiler, or
-with ``CBAM_NATIVE=0`` in the environment, the fused path composes PyTorch operators instead (``cbam_fused.py``);
-:func:`native_status` says which is in use and why.
+With a BatchNorm in front of the module (a residual block's last one, folded by the fused blocks), the kernels read
+the BatchNorm's input ``y`` and apply ``y * scale + shift`` as they go: its batch statistics take one read of ``y``
+(``channel_stats``), and its backward rides on the three backward passes (``affine_cross_sums`` gives the per-channel
+sums it needs; ``input_grad`` adds its batch-statistics term), see ``_backward_folded``. At inference, the BatchNorm of
+a downsampling block's shortcut is folded the same way into the output pass's read of the residual.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
-import threading
-import time
-from pathlib import Path
-
 import torch
+import torch.nn.functional as F
 
-from .cbam_fused import _compute_dtype, _mlp_backward, _spatial_backward, _spatial_forward
-
-__all__ = ["native_available", "native_loaded", "native_status"]
-
-_SOURCE = Path(__file__).with_name("csrc") / "cbam_cpu.cpp"
-# Instruction sets by the level PyTorch detected, not -march=native: a build cached in a home directory shared by
-# machines of different generations must not use instructions another one lacks (each level is its own build).
-_ISA_FLAGS = {
-    "avx512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-        "-mprefer-vector-width=512",
-    ],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-}
+__all__ = ["backward", "forward"]
 
 
-def _build_flags() -> tuple[str, list[str]]:
-    """The extension's name and compiler flags for this machine's instruction-set level."""
-    level = torch.backends.cpu.get_cpu_capability().lower()
-    isa = _ISA_FLAGS.get(level, []) if platform.machine() in ("x86_64", "AMD64") else []
-    return f"cbam_cpu_{level if isa else 'generic'}", ["-O3", "-fopenmp", *isa]
+def _mlp_forward(pooled, w1, b1, w2, b2):
+    """pooled (P, G, C) -> pre-activations (P, G, hidden) and channel gate (G, C); the reference's op sequence."""
+    h = F.linear(pooled, w1, b1)
+    return h, torch.sigmoid(F.linear(torch.relu(h), w2, b2).sum(0))
 
 
-_lock = threading.Lock()
-_state: dict[str, object] = {"tried": False, "error": None}
+def _mlp_backward(d_logit, pooled, h, w1, w2):
+    """Gradients of logits = sum_p fc2(relu(fc1(pooled_p))): d_pooled (P, N, C), dW1, db1, dW2, db2."""
+    a = torch.relu(h)
+    dw2 = d_logit.t() @ a.sum(0)
+    db2 = d_logit.sum(0) * h.shape[0]
+    d_h = torch.where(h > 0, (d_logit @ w2).unsqueeze(0), 0.0)
+    dw1 = d_h.flatten(0, 1).t() @ pooled.flatten(0, 1)
+    db1 = d_h.sum((0, 1))
+    return d_h @ w1, dw1, db1, dw2, db2
 
 
-def _disabled() -> str | None:
-    value = os.environ.get("CBAM_NATIVE", "1").strip().lower()
-    return "disabled by CBAM_NATIVE=0" if value in ("0", "false", "no", "off") else None
+def _stack_maps(savg, smax, shape):
+    """The (N, 2, H, W) input of the spatial convolution from the [avg; max] maps (N, HW)."""
+    n, h, w = shape
+    return torch.stack([savg, smax], 1).view(n, 2, h, w)
 
 
-def _load() -> str | None:
-    """Build (first time) and load the kernels; None on success, else why they are unavailable."""
-    with _lock:
-        if _state["tried"]:
-            return _state["error"]  # type: ignore[return-value]
-        _state["tried"] = True
-        reason = _disabled()
-        if reason is None:
-            start = time.perf_counter()
-            try:
-                from torch.utils.cpp_extension import load
-
-                name, flags = _build_flags()
-                load(name, sources=[str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
-            except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back, say why
-                reason = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                print(f"cbam: {reason}; the fused path composes PyTorch operators instead", file=sys.stderr)
-            else:
-                _register_fakes()
-                elapsed = time.perf_counter() - start
-                if elapsed > 3:
-                    print(
-                        f"cbam: compiled the fused CPU kernels in {elapsed:.0f} s (cached for later runs)",
-                        file=sys.stderr,
-                    )
-        _state["error"] = reason
-        return reason
+def _spatial_forward(maps, wc, bc, gamma, beta, rmean, rvar, cfg):
+    """[avg; max] maps (N, 2, H, W) -> spatial gate gs (N, HW) and what its backward needs (N x HW or smaller)."""
+    n, _, h, w = maps.shape
+    z = torch.ops.cbam_cpu.spatial_conv(maps, wc, bc)
+    mean = var = rstd = None
+    if cfg.bn == "batch":
+        mean = z.mean()
+        var = (z - mean).square().mean()  # biased, as BatchNorm normalises with
+        rstd = torch.rsqrt(var + cfg.eps)
+        z = (z - mean) * rstd
+    elif cfg.bn == "running":
+        rstd = torch.rsqrt(rvar + cfg.eps)
+        z = (z - rmean) * rstd
+    zhat = z
+    if cfg.bn != "none" and gamma is not None:
+        z = z * gamma + beta
+    gs = torch.sigmoid(z).view(n, h * w)
+    if cfg.bn == "batch":
+        m = n * h * w
+        var = var * (m / (m - 1))  # unbiased, for the running estimate
+    return gs, maps, zhat, rstd, mean, var
 
 
-def native_available() -> bool:
-    """True when the hand-written CPU kernels are loaded (building them on first call)."""
-    return _load() is None
+def _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias):
+    """d_gs (N, HW) -> gradients of the two maps (N, HW) each, dW_conv, db_conv, d_gamma, d_beta."""
+    n, _, h, w = maps.shape
+    d = (d_gs * gs * (1 - gs)).view(n, 1, h, w)
+    d_gamma = d_beta = None
+    if cfg.bn != "none":
+        if gamma is not None:
+            d_gamma = (d * zhat).sum().view(1)
+            d_beta = d.sum().view(1)
+            d = d * gamma
+        if cfg.bn == "batch":
+            d = (d - d.mean() - zhat * (d * zhat).mean()) * rstd
+        else:
+            d = d * rstd
+    d_maps, d_wc = torch.ops.cbam_cpu.spatial_conv_backward(d, maps, wc)
+    d_bc = d.sum().view(1) if has_conv_bias else None
+    return d_maps[:, 0].reshape(n, h * w), d_maps[:, 1].reshape(n, h * w), d_wc, d_bc, d_gamma, d_beta
 
-
-def native_loaded() -> bool:
-    """True when the kernels were loaded before (never builds: safe to call while torch.compile traces)."""
-    return bool(_state["tried"]) and _state["error"] is None
-
-
-def native_status() -> str:
-    """'loaded', or why the fused path on the CPU composes PyTorch operators instead."""
-    reason = _load()
-    return "loaded" if reason is None else reason
-
-
-def _register_fakes() -> None:
-    """Shapes of each operator's results, for torch.compile's tracing (no data). Full-size outputs take the
-    input's layout, as the kernels do."""
-
-    def fake(name):
-        return torch.library.register_fake("cbam_cpu::" + name)
-
-    def acc(x, *shape):
-        return x.new_empty(shape, dtype=_compute_dtype(x))
-
-    @fake("pools_and_channel_gate")
-    def _(x, w1, b1, w2, b2, avg, max, spatial, in_scale=None, in_shift=None, need_idx=True):
-        n, c, h, w = x.shape
-        pools = int(avg) + int(max)
-        maps = acc(x, n, 2, h, w) if spatial else acc(x, 0)
-        idx_s = x.new_empty((n, h * w) if spatial and need_idx else (0,), dtype=torch.int32)
-        idx_c = x.new_empty((n, c) if need_idx else (0,), dtype=torch.int32)
-        return (acc(x, pools, n, c), acc(x, pools, n, w1.shape[0]), acc(x, n, c), maps, idx_c, idx_s)
-
-    fake("forward_inference")(lambda x, *args: torch.empty_like(x))
-    fake("forward_inference_")(lambda x, *args: None)
-    fake("gate")(lambda x, chan, pos, residual, in_scale=None, in_shift=None: torch.empty_like(x))
-    fake("spatial_conv")(lambda maps, w, b: maps.new_empty((maps.shape[0], 1, maps.shape[2], maps.shape[3])))
-    fake("spatial_conv_backward")(lambda d, maps, w: (torch.empty_like(maps), torch.empty_like(w)))
-    fake("cross_sums")(lambda d, x, chan, pos: (acc(x, x.shape[0], x.shape[1]), acc(x, x.shape[0], pos.shape[1])))
-    fake("affine_cross_sums")(
-        lambda d, y, pos, ca, cb, center: (acc(y, y.shape[0], 3, y.shape[1]), acc(y, y.shape[0], pos.shape[1]))
-    )
-    fake("channel_stats")(lambda y: (acc(y, y.shape[1]), acc(y, y.shape[1])))
-    fake("channel_weighted_sum")(lambda x, w, arg, mx, center=None: acc(x, x.shape[0], x.shape[1]))
-    fake("input_grad")(lambda d, *args: torch.empty_like(d))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,9 +136,9 @@ def _residual_affine(res_front):
 
 
 def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, res_front=None, inplace=False):
-    """Same contract as ``cbam_fused._forward_eager`` (None for the saved tensors when one operator did all), plus
-    the batch statistics of a folded BatchNorm in front (None without one); with a residual, out is
-    relu(cbam(x) + residual). With cfg.pre, x is the input of that BatchNorm, which the kernels apply as they read.
+    """(out, the tensors backward needs (None when one operator did all), the batch statistics of a folded BatchNorm
+    in front (None without one)); with a residual, out is relu(cbam(x) + residual). With cfg.pre, x is the input of
+    that BatchNorm, which the kernels apply as they read.
     With ``res_front`` (the running statistics of a BatchNorm on the shortcut, see :func:`_residual_affine`; only
     where the single inference operator runs), the residual is that BatchNorm's input, normalised by the output pass
     as it reads. With ``inplace`` (the caller does not need x afterwards), the single inference operator writes its
@@ -231,9 +168,7 @@ def forward(x, residual, w1, b1, w2, b2, small, cfg, need_backward, front=None, 
     if not cfg.spatial:
         out = ops.gate(x, gc, gc.new_ones((n, h * w)), residual, *affine)
         return out, (gc, None, pooled, hpre, idx_c, None, None, None, None, None, None, *front_saved), pre_stats
-    gs, maps, zhat, rstd, mean, var = _spatial_forward(
-        maps, wc, bc, gamma, beta, rmean, rvar, cfg, conv=ops.spatial_conv
-    )
+    gs, maps, zhat, rstd, mean, var = _spatial_forward(maps, wc, bc, gamma, beta, rmean, rvar, cfg)
     out = ops.gate(x, gc, gs, residual, *affine)
     return out, (gc, gs, pooled, hpre, idx_c, idx_s, maps, zhat, rstd, mean, var, *front_saved), pre_stats
 
@@ -298,8 +233,7 @@ def backward(dout, x, w1, w2, wc, gamma, saved, cfg, has_conv_bias, pre_w=None):
 def _spatial_terms(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, c):
     """The spatial gate's backward from d_gs: its parameters' gradients (in sgrads[2:]) and the two pooled maps'
     gradients as input_grad takes them (the average map's divided by C)."""
-    conv_backward = torch.ops.cbam_cpu.spatial_conv_backward
-    sgrads = _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias, conv_backward=conv_backward)
+    sgrads = _spatial_backward(d_gs, gs, maps, zhat, rstd, wc, gamma, cfg, has_conv_bias)
     return sgrads, sgrads[0] * (1.0 / c), sgrads[1].contiguous()
 
 

@@ -1,0 +1,94 @@
+"""``cbam demo`` and ``cbam ablate``: several trainings of one recipe, compared side by side.
+
+``demo`` is the README's first command (through ``make demo``); ``ablate`` reproduces the form of the
+paper's Tables 1-3. The work is :mod:`cbam.train.compare`'s; this module only reads the flags and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..report import FORMATS
+from ..train.compare import TABLES, ablate, demo
+from ..train.config import TrainConfig, resolve
+from ..train.data import DATASETS
+from .options import at_least, int_list
+
+
+def _base_config(args: argparse.Namespace, recipe: str) -> TrainConfig:
+    """The recipe (``--config``, else ``recipe``) with the TrainConfig keys given as flags; --output is the root."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and k != "output"}
+    values["config"] = values.get("config") or recipe
+    return resolve(values, source="command line")
+
+
+def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument("--config", default=None, help="recipe name or YAML file (default: demo)")
+    parser.add_argument("--model", default=None, help="registered network (default: the recipe's, cifar_resnet20)")
+    parser.add_argument("--dataset", choices=DATASETS, default=None,
+                        help="data set (default: the recipe's, synthetic)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the data set (default: none; needed for all but synthetic)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None,
+                        help="images per optimizer step (default: the recipe's, 64)")
+    parser.add_argument("--lr", type=float, default=None, help="initial SGD learning rate (default: the recipe's)")
+    parser.add_argument("--workers", type=at_least(0), default=None,
+                        help="data-loader worker processes (default: 0 for synthetic data, else up to 8)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                        help="cbam.fuse on the CPU; --no-fuse keeps the plain blocks (default: on)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: on)")
+    parser.add_argument("--output", default=output,
+                        help="folder for the runs, one sub-folder each (default: %(default)s)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
+
+
+# ------------------------------------------------------------------------------------------ demo
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The common options plus epochs and seed."""
+    _add_common(parser, "runs/demo")
+    parser.add_argument("--epochs", type=at_least(1), default=None,
+                        help="training epochs per network (default: the recipe's, 3)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed of both runs (default: 0)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Train plain and CBAM, print the comparison."""
+    base = _base_config(args, "demo")
+    root = Path(args.output)
+    text = demo(base, root, args.format)
+    if text is not None:
+        print(f"\n{base.dataset}, {base.epochs} epochs each (runs in {root}/plain and {root}/cbam):\n{text}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ ablate
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The common options plus the budget, the seeds and the tables."""
+    _add_common(parser, "runs/ablate")
+    parser.add_argument("--budget", type=at_least(1), required=True,
+                        help="training epochs per configuration (required, no default)")
+    parser.add_argument("--seeds", type=int_list, default=[0],
+                        help="comma-separated seeds; more than one adds the spread (default: 0)")
+    parser.add_argument("--tables", type=_table_list, default=list(TABLES),
+                        help=f"which of the paper's tables, comma-separated (default: {','.join(TABLES)})")
+
+
+def _table_list(text: str) -> list[str]:
+    tables = [t.strip() for t in text.split(",") if t.strip()]
+    if not tables or any(t not in TABLES for t in tables):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(TABLES)}, got {text!r}")
+    return tables
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    """Train every configuration of the chosen tables, print them in the paper's form."""
+    base = _base_config(args, "demo")
+    text = ablate(base, Path(args.output), budget=args.budget, seeds=args.seeds, tables=args.tables, fmt=args.format)
+    if text is not None:
+        print("\n" + text)
+    return 0
