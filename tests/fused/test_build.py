@@ -151,7 +151,7 @@ def test_a_killed_builder_leaves_no_lock_behind(tmp_path):
 
 
 @pytest.mark.slow
-def test_concurrent_processes_build_once_and_all_load(tmp_path):
+def test_concurrent_processes_build_once_and_all_load(tmp_path, native):
     """torchrun's ranks start together: one builds, the others wait for its result (a real build, about a minute)."""
     code = textwrap.dedent(
         """
@@ -178,7 +178,7 @@ def test_concurrent_processes_build_once_and_all_load(tmp_path):
     assert len(list(tmp_path.glob("cbam_cpu_*/*.so"))) == 1
 
 
-def test_a_model_compiled_before_any_eager_call_builds_and_uses_the_kernels():
+def test_a_model_compiled_before_any_eager_call_builds_and_uses_the_kernels(native):
     """Under torch.compile the build runs once while the graph is traced (no graph break), and the graph calls the
     kernels."""
     result = _python(

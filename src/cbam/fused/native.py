@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -109,7 +110,15 @@ def _disabled() -> str | None:
 
 
 def _build_and_load() -> None:
-    from torch.utils.cpp_extension import load as cpp_load  # imports setuptools: only when a build is needed
+    # Imported here, not at the top: it imports setuptools and looks for a CUDA toolkit, which a process that never
+    # runs CBAM on the CPU should not pay for (or log about: the CPU build needs no CUDA).
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load as cpp_load
+    finally:
+        cpp_logger.setLevel(level)
 
     directory = build_directory()
     _, flags = _flags()
