@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch.nn.functional as F
 
 from cbam import create_model
@@ -36,6 +37,7 @@ def test_bench_tiny_run_writes_json_and_ratio_tables(tmp_path, capsys):
     assert "allocator" in capsys.readouterr().out
 
 
+@pytest.mark.compiler
 def test_every_compiled_module_case_compiles(tmp_path):
     """The compiled module cases share one forward (two graphs per module here: with and without gradients); with
     Dynamo's recompilation limit at 1, they still all compile (the bench raises the limit, and a hit would be an

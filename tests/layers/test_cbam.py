@@ -288,6 +288,7 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(m.cuda()(x.cuda()).cpu(), m.cpu()(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.compiler
 def test_torch_compile_fullgraph():
     torch.manual_seed(8)
     m = CBAM(16, 4)

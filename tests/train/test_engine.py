@@ -216,6 +216,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     assert "no checkpoint to resume" in capsys.readouterr().err
 
 
+@pytest.mark.compiler
 def test_amp_channels_last_and_compile_together(tmp_path):
     out = tmp_path / "run"
     summary = train(tiny_config(out, epochs=1, amp="bf16", channels_last=True, compile=True,

@@ -161,8 +161,6 @@ def cbam_fused(
     statistics, other paths) ``x`` is left as it was."""
     name = type(module).__name__
     check_feature_map(name, x, module.channels)
-    if not native.ready():
-        raise RuntimeError(f"{name}: the fused CPU kernels are not available: {native.native_status()}")
     front = None  # the BatchNorm folded into the kernels
     if norm is not None:
         if norm_folds(norm, x):
@@ -179,6 +177,8 @@ def cbam_fused(
     reason = supported(module)
     if reason is not None:
         raise ValueError(f"{name}: the fused CPU kernels do not compute {reason}")
+    if not native.ready():
+        raise RuntimeError(f"{name}: the fused CPU kernels are not available: {native.native_status()}")
     ch, sp = module.channel, module.spatial
     n, _, h, w = x.shape
     sp_norm = None if sp is None else sp.norm
