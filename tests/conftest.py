@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import settings
 
 
 @functools.cache
@@ -37,3 +38,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("compiler") is not None:
             item.add_marker(skip)
+
+
+# Under CI the fuzz tests draw the same examples every run (a fresh draw is for developers' runs), so that CI's verdict
+# on a revision does not depend on the luck of the draw.
+if os.environ.get("CI"):
+    settings.register_profile("ci", derandomize=True)
+    settings.load_profile("ci")

@@ -14,8 +14,9 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..train.signals import Interrupted
 from . import bench, compare, profile, train
-from .runtime import TUNED_MALLOC_COMMANDS, reexec_with_tuned_malloc
+from .runtime import TUNED_MALLOC_COMMANDS, reexec_with_tuned_malloc, stopped
 
 __all__ = ["COMMANDS", "Command", "Parser", "build_parser", "main"]
 
@@ -87,3 +88,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"cbam {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        return stopped(args.command, exc)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..bench.report import render_markdown
 from ..bench.runner import run_benchmark
+from ..models import list_models
+from ..train.config import available_devices, check_output_path
 from .options import at_least
 from .runtime import allocator_env, allocator_setting
 
@@ -83,8 +84,6 @@ def _dtypes(text: str) -> tuple[str, ...]:
 
 
 def _run_here(args: argparse.Namespace) -> dict[str, Any]:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
     return run_benchmark(device=args.device, quick=not args.full, shapes=args.shapes, rounds=args.rounds,
                          min_seconds=args.min_seconds, dtypes=args.dtypes, modules=args.modules,
                          networks=args.networks, network_model=args.network, network_batch=args.network_batch,
@@ -106,8 +105,25 @@ def _run_child(args: argparse.Namespace, setting: str) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every value the benchmark will use, checked before any timing or child process starts (ValueError)."""
+    devices = [d for d in available_devices() if d != "auto"]
+    if args.device not in devices:
+        raise ValueError(f"device {args.device!r} is not available here; devices that exist: {', '.join(devices)}")
+    if not math.isfinite(args.min_seconds) or args.min_seconds < 0:
+        raise ValueError(f"--min-seconds must be a finite number >= 0 (0: one call a timing), got {args.min_seconds!r}")
+    if args.networks and args.network not in list_models():
+        raise ValueError(f"unknown model {args.network!r}; expected one of {', '.join(list_models())}")
+    if args.modules and args.shapes and min(c for _, c, _, _ in args.shapes) < 16:
+        raise ValueError(f"shapes need at least 16 channels (the modules' reduction ratio), got {args.shapes}")
+    check_output_path(args.output, "output", folder=False)
+    if args.markdown:
+        check_output_path(args.markdown, "markdown", folder=False)
+
+
 def run(args: argparse.Namespace) -> int:
     """Time here or in one child per allocator setting; write the JSON and markdown, print the tables."""
+    check_args(args)
     if args.allocator == "current" or args.device.startswith("cuda"):
         results = [_run_here(args)]
     else:

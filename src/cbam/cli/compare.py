@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 
 from ..report import FORMATS
-from ..train.compare import TABLES, ablate, demo
-from ..train.config import TrainConfig, resolve
+from ..train.compare import TABLES, VARIANTS, ablate, demo
+from ..train.config import TrainConfig, check_output_path, resolve
 from ..train.data import DATASETS
 from .options import at_least, int_list
 
@@ -22,7 +22,16 @@ def _base_config(args: argparse.Namespace, recipe: str) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and k != "output"}
     values["config"] = values.get("config") or recipe
+    check_output_path(args.output, "output")
     return resolve(values, source="command line")
+
+
+def _check_runs(base: TrainConfig, root: str, keys: list[str], seeds: list[int]) -> None:
+    """Validate every run's configuration (each variant, each seed) before the first one starts."""
+    for key in keys:
+        for seed in seeds:
+            dataclasses.replace(base, **VARIANTS[key][1], seed=seed, output=str(Path(root) / key), overwrite=True,
+                                resume=False).validate()
 
 
 def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
@@ -59,6 +68,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """Train plain and CBAM, print the comparison."""
     base = _base_config(args, "demo")
+    _check_runs(base, args.output, ["plain", "cbam"], [base.seed])
     root = Path(args.output)
     text = demo(base, root, args.format)
     if text is not None:
@@ -88,6 +98,8 @@ def _table_list(text: str) -> list[str]:
 def run_ablate(args: argparse.Namespace) -> int:
     """Train every configuration of the chosen tables, print them in the paper's form."""
     base = _base_config(args, "demo")
+    keys = list(dict.fromkeys(k for t in args.tables for k in TABLES[t][1]))
+    _check_runs(dataclasses.replace(base, epochs=args.budget), args.output, keys, args.seeds)
     text = ablate(base, Path(args.output), budget=args.budget, seeds=args.seeds, tables=args.tables, fmt=args.format)
     if text is not None:
         print("\n" + text)

@@ -8,6 +8,7 @@ model options from :data:`MODEL_HELP`, so the two commands describe an option th
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from ..layers import ARRANGEMENTS, ATTENTION_TYPES, POOL_TYPES, PRESETS
@@ -36,8 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--attention plus the network and attention options of ``create_model``; an unset option stays unset (None)."""
     parser.add_argument("--attention", choices=ATTENTION_CHOICES, default=None, help=MODEL_HELP["attention"])
     g = parser.add_argument_group("attention options (create_model keywords)")
-    g.add_argument("--reduction", type=int, default=None, help=MODEL_HELP["reduction"])
-    g.add_argument("--kernel-size", type=int, default=None, help=MODEL_HELP["kernel_size"])
+    g.add_argument("--reduction", type=at_least(1), default=None, help=MODEL_HELP["reduction"])
+    g.add_argument("--kernel-size", type=at_least(1), default=None, help=MODEL_HELP["kernel_size"])
     g.add_argument("--arrangement", choices=ARRANGEMENTS, default=None, help=MODEL_HELP["arrangement"])
     g.add_argument("--preset", choices=tuple(PRESETS), default=None, help=MODEL_HELP["preset"])
     g.add_argument("--pool-types", type=pool_list, default=None, help=MODEL_HELP["pool_types"])
@@ -45,11 +46,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-spatial", dest="spatial", action="store_const", const=False, default=None,
                    help=MODEL_HELP["spatial"])
     n = parser.add_argument_group("network options")
-    n.add_argument("--widen", type=float, default=None, help=MODEL_HELP["widen"])
-    n.add_argument("--width-mult", type=float, default=None, help=MODEL_HELP["width_mult"])
+    n.add_argument("--widen", type=positive_float, default=None, help=MODEL_HELP["widen"])
+    n.add_argument("--width-mult", type=positive_float, default=None, help=MODEL_HELP["width_mult"])
     n.add_argument("--stride-in-1x1", action="store_const", const=True, default=None,
                    help=MODEL_HELP["stride_in_1x1"])
-    n.add_argument("--in-chans", type=int, default=None, help=MODEL_HELP["in_chans"])
+    n.add_argument("--in-chans", type=at_least(1), default=None, help=MODEL_HELP["in_chans"])
 
 
 def pool_list(text: str) -> tuple[str, ...]:
@@ -75,6 +76,20 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+positive_float.__name__ = "number > 0"
 
 
 def int_list(text: str) -> list[int]:

@@ -11,8 +11,11 @@ bench's ``allocator`` argument). Threads are left to PyTorch (one per core; torc
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
+
+from ..train.signals import Interrupted
 
 # glibc: never return freed blocks below 100 GB to the system (mmap threshold and trim threshold)
 TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "100000000000", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
@@ -54,3 +57,15 @@ def reexec_with_tuned_malloc(argv: list[str]) -> None:
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "cbam", *argv], env)
 
+
+def stopped(command: str, exc: BaseException) -> int:
+    """SIGINT / SIGTERM (see :mod:`cbam.train.signals`): one line on stderr; exit code 128 + the signal's number.
+
+    Under torchrun only rank 0 says it (every worker stops the same way). A KeyboardInterrupt is a Ctrl-C that
+    came before any work had started.
+    """
+    if not isinstance(exc, Interrupted):
+        exc = Interrupted(signal.SIGINT)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cbam {command}: {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code

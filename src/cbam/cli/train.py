@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..layers import ARRANGEMENTS, PRESETS
-from ..models import list_models
 from ..train import distributed as D
-from ..train.config import TrainConfig, resolve
+from ..train.config import TrainConfig, check_output_path, resolve
 from ..train.data import BAD_IMAGE_POLICIES, DATASETS
 from ..train.engine import Diverged, Interrupted, check_output, evaluate_run, train
 from .options import ATTENTION_CHOICES, MODEL_HELP, at_least
+from .runtime import stopped
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ATTENTION_CHOICES, "dataset": DATASETS, "amp": ("bf16", "fp16"),
@@ -126,15 +126,12 @@ def run_train(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = resolve({k: v for k, v in vars(args).items() if k in fields}, source="command line")
     if args.nproc_per_node is not None:
-        check_output(cfg)  # refuse bad input here, in one line, rather than in every child process
-        if cfg.model not in list_models():
-            raise ValueError(f"unknown model {cfg.model!r}; see cbam profile --list")
+        check_output(cfg)  # resolve validated every setting; the folder too, here, before any worker starts
         return D.launch_torchrun(args.nproc_per_node, strip_flag(args._argv, "--nproc-per-node"))
     try:
         summary = train(cfg)
     except Interrupted as exc:
-        print(f"cbam train: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return stopped("train", exc)
     except Diverged as exc:
         print(f"cbam train: error: {exc}", file=sys.stderr, flush=True)
         return 3
@@ -176,9 +173,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, write the JSON and print one line of results."""
+    if args.output:
+        check_output_path(args.output, "output", folder=False)
     result = evaluate_run(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
                           workers=args.workers)
     out = Path(args.output) if args.output else Path(result["checkpoint"]).parent / f"eval_{result['dataset']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['model']} ({result['attention']}) on {result['dataset']} val, {result['val_images']} images: "
           f"top-1 err {result['top1_err']:.2f}%  top-5 err {result['top5_err']:.2f}%  loss {result['val_loss']:.4f}")

@@ -40,7 +40,10 @@ def make_attn(
     if "hidden" in params and "reduction" in params and kwargs.get("hidden") is None:
         reduction = kwargs.get("reduction", params["reduction"].default)
         if reduction is None:  # CBAM: the preset decides
-            reduction = PRESETS[kwargs.get("preset", "paper")].reduction
+            preset = kwargs.get("preset", "paper")
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(map(repr, PRESETS))}")
+            reduction = PRESETS[preset].reduction
         if isinstance(reduction, int) and not isinstance(reduction, bool) and reduction > 0:
             hidden = channels // reduction if hidden_rounding == "floor" else int(channels / reduction + 0.5)
             hidden = max(1, hidden)

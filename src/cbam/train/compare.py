@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..report import format_rows
-from .config import TrainConfig
+from .config import TrainConfig, from_dict
 from .engine import train
+from .signals import Interrupted, StopFlag
 
 # key -> (description in the paper's words, TrainConfig overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -43,19 +48,102 @@ TABLES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# settings that do not change what a run computes: a stored run that differs only in these is the same run
+_NOT_RUN_DEFINING = {"output", "resume", "overwrite", "progress", "tensorboard", "workers", "config",
+                     "save_every_steps"}
+
+
+def _differences(cfg: TrainConfig, out: Path) -> list[str] | None:
+    """The run-defining settings in which the run stored in ``out`` (its config.yaml) differs from ``cfg``;
+    None when there is no readable stored configuration."""
+    try:
+        stored = asdict(from_dict(yaml.safe_load((out / "config.yaml").read_text()) or {}))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None
+    wanted = asdict(cfg)
+    return [f"{k}: {stored[k]!r} -> {wanted[k]!r}" for k in wanted
+            if k not in _NOT_RUN_DEFINING and stored.get(k) != wanted[k]]
+
+
+def _finished_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of the finished run in ``out`` (summary.json and model.safetensors written), else None."""
+    if not (out / "model.safetensors").is_file():
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def plan_run(cfg: TrainConfig, out: Path) -> tuple[str, str, TrainConfig, dict[str, Any] | None]:
+    """What a rerun does with the run folder ``out``, as (action, why, the configuration to train, summary).
+
+    "done" (with the stored summary): a finished run with the same settings, not trained again; "resume": an
+    interrupted one with the same settings and a checkpoint; "start": anything else (``why`` says what was
+    there, empty for a folder that does not exist).
+    """
+    fresh = dataclasses.replace(cfg, output=str(out), overwrite=True, resume=False)
+    if not out.exists():
+        return "start", "", fresh, None
+    summary = _finished_summary(out)
+    has_checkpoint = (out / "checkpoints" / "last.pt").is_file()
+    differs = _differences(cfg, out)
+    if differs is None:
+        why = "its config.yaml is missing or unreadable" if summary or has_checkpoint else "nothing saved there"
+        return "start", why, fresh, None
+    if differs:
+        return "start", "the run there has other settings: " + "; ".join(differs), fresh, None
+    if summary is not None:
+        return "done", "", cfg, summary
+    if has_checkpoint:
+        return "resume", "", dataclasses.replace(cfg, output=str(out), overwrite=False, resume=True), None
+    return "start", "no checkpoint there", fresh, None
+
+
 def run_variants(base: TrainConfig, keys: list[str], seeds: list[int], root: Path) -> dict[str, list[dict]]:
-    """Train every variant for every seed (in order, one run folder each) and collect the summaries."""
+    """Train every variant for every seed (in order, one run folder each) and collect the summaries.
+
+    Run again after an interruption, it continues: finished runs (same settings, summary.json written) are
+    not trained again, the interrupted one resumes from its checkpoint (or starts over when it has none),
+    and each run's first line says which. SIGINT / SIGTERM end in :class:`Interrupted` (the finished runs
+    kept, the running one saved), with advice to run the same command again.
+    """
     results: dict[str, list[dict]] = {}
-    for key in keys:
-        for seed in seeds:
-            out = root / (key if len(seeds) == 1 else f"{key}-seed{seed}")
-            cfg = dataclasses.replace(base, **VARIANTS[key][1], seed=seed, output=str(out), overwrite=True,
-                                      resume=False)
-            print(f"== {key}: {VARIANTS[key][0]} (seed {seed}) -> {out}", flush=True)
-            summary = train(cfg)
-            if summary:
-                results.setdefault(key, []).append(summary)
+    finished: list[str] = []
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # under torchrun only the training loop's check is agreed
+    with StopFlag() as stop:
+        for key in keys:
+            for seed in seeds:
+                if stop.signum and single:  # came between two runs (the training loop acts on one during a run)
+                    raise _stopped(stop.signum, finished, None)
+                out = root / (key if len(seeds) == 1 else f"{key}-seed{seed}")
+                cfg = dataclasses.replace(base, **VARIANTS[key][1], seed=seed, output=str(out))
+                action, why, cfg, summary = plan_run(cfg, out)
+                head = f"== {key}: {VARIANTS[key][0]} (seed {seed}) -> {out}"
+                if action == "done":
+                    head += ": finished earlier, kept (not trained again)"
+                elif action == "resume":
+                    head += f": resuming the interrupted run from {out / 'checkpoints' / 'last.pt'}"
+                elif why:
+                    head += f": starting over ({why})"
+                print(head, flush=True)
+                if summary is None:
+                    try:
+                        summary = train(cfg)
+                    except Interrupted as exc:
+                        raise _stopped(exc.signum, finished, exc.checkpoint) from None
+                if summary:
+                    results.setdefault(key, []).append(summary)
+                finished.append(out.name)
     return results
+
+
+def _stopped(signum: int, finished: list[str], checkpoint: Path | None) -> Interrupted:
+    done = f"finished runs kept ({', '.join(finished)})" if finished else "no run finished yet"
+    saved = f"the interrupted one saved in {checkpoint}" if checkpoint else None
+    return Interrupted(signum, checkpoint, "; ".join(x for x in (done, saved) if x)
+                       + "; run the same command again to continue")
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float | None]:

@@ -9,6 +9,7 @@ my.yaml`` reads a file. Every key of :class:`TrainConfig` can be set in YAML and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -17,9 +18,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from ..layers import ARRANGEMENTS, ATTENTION_TYPES, POOL_TYPES, PRESETS
+from ..models import create_model, list_models
+from .data import BAD_IMAGE_POLICIES, DATASETS, SHAPE_NAMES
+
 RECIPES = ("imagenet", "cifar", "demo")
+SCHEDULES = ("step", "cosine", "constant")
 
 # TrainConfig keys that are ``create_model`` keywords of the same name (passed on only when set, so that the
 # model's own defaults apply otherwise); ``profile`` uses the same mapping for its flags.
@@ -100,25 +107,199 @@ class TrainConfig:
         return model_kwargs(asdict(self))
 
     def validate(self) -> TrainConfig:
-        """Refuse values no run can use (ValueError, one line), so a bad config stops before any work."""
-        checks = {
-            "schedule": ("step", "cosine", "constant"),
-            "amp": (None, "bf16", "fp16"),
-            "bad_images": ("stop", "skip"),
-        }
-        for key, allowed in checks.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "accum_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        """Refuse values no run can use (ValueError, one line naming the setting and its choices or range).
+
+        This is the one validation step of a run: every key, the device, the output folder and the model's
+        options (the model is built on the meta device, which costs no memory), so a bad configuration stops
+        before any work, and under ``--nproc-per-node`` before any worker starts.
+        """
+        _check_values(self)
+        check_device(self.device)
+        check_output_path(self.output, "output")
+        _check_model(self)
         return self
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _fail(key: str, expected: str, value: Any) -> typing.NoReturn:
+    raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+def _choice(key: str, value: Any, choices: tuple[Any, ...], optional: bool = False) -> None:
+    if (value is None and optional) or value in choices:
+        return
+    raise ValueError(f"unknown {key} {value!r}; expected one of {', '.join(map(str, choices))}")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+
+    # choices
+    if cfg.model not in list_models():
+        raise ValueError(f"unknown model {cfg.model!r}; expected one of {', '.join(list_models())}")
+    attention = cfg.attention.lower() if isinstance(cfg.attention, str) else cfg.attention
+    _choice("attention", attention, ("none", *ATTENTION_TYPES))
+    _choice("arrangement", cfg.arrangement, ARRANGEMENTS, optional=True)
+    _choice("preset", cfg.preset, tuple(PRESETS), optional=True)
+    _choice("spatial_compress", cfg.spatial_compress, ("pool", "conv"), optional=True)
+    if cfg.pool_types is not None and (not cfg.pool_types or any(p not in POOL_TYPES for p in cfg.pool_types)):
+        _fail("pool_types", f"a non-empty subset of {', '.join(POOL_TYPES)}", cfg.pool_types)
+    _choice("dataset", cfg.dataset, DATASETS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("amp", cfg.amp, ("bf16", "fp16"), optional=True)
+    _choice("bad_images", cfg.bad_images, BAD_IMAGE_POLICIES)
+    # integers: key -> (minimum, may it be unset)
+    minimums = {"reduction": (1, True), "in_chans": (1, True), "workers": (0, True), "epochs": (1, False),
+                "batch_size": (1, False), "accum_steps": (1, False), "step_size": (1, False),
+                "warmup_epochs": (0, False), "lr_reference_batch": (1, True), "save_every_steps": (0, False),
+                "max_steps_per_epoch": (1, True), "synthetic_train_size": (1, False),
+                "synthetic_val_size": (1, False), "seed": (0, False), "synthetic_seed": (0, False),
+                "image_size": (32 if cfg.dataset == "synthetic" else 8, True)}
+    for key, (low, optional) in minimums.items():
+        value = getattr(cfg, key)
+        if value is None and optional:
+            continue
+        if value < low:
+            unset = " (or unset)" if optional else ""
+            _fail(key, f"at least {low}{unset}", value)
+    for key in ("seed", "synthetic_seed"):
+        if getattr(cfg, key) >= 2**63:
+            _fail(key, "below 2**63", getattr(cfg, key))
+    if cfg.kernel_size is not None and (cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0):
+        _fail("kernel_size", "a positive odd integer (3, 7, ...)", cfg.kernel_size)
+    if not 2 <= cfg.synthetic_classes <= len(SHAPE_NAMES):
+        _fail("synthetic_classes", f"between 2 and {len(SHAPE_NAMES)}", cfg.synthetic_classes)
+    if cfg.batch_size % cfg.accum_steps:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of accum_steps {cfg.accum_steps}")
+    # real numbers: key -> (lowest, highest, lowest allowed itself)
+    ranges = {"lr": (0.0, math.inf, False), "momentum": (0.0, 1.0, True), "weight_decay": (0.0, math.inf, True),
+              "gamma": (0.0, math.inf, False), "label_smoothing": (0.0, 1.0, True),
+              "widen": (0.0, math.inf, False), "width_mult": (0.0, math.inf, False)}
+    for key, (low, high, closed) in ranges.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not closed) or value > high:
+            lower = f">= {low:g}" if closed else f"> {low:g}"
+            _fail(key, f"a finite number {lower}" + (f" and <= {high:g}" if high < math.inf else ""), value)
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ValueError("nesterov needs a momentum above 0, got momentum 0")
+    # data, run management
+    if cfg.dataset != "synthetic":
+        if not cfg.data_dir:
+            raise ValueError(f"dataset {cfg.dataset} needs a data folder (data_dir / --data-dir)")
+        data = Path(cfg.data_dir).expanduser()
+        if data.exists() and not data.is_dir():
+            raise ValueError(f"data_dir {data} is a file, not a folder")
+        if not data.exists() and not cfg.download:
+            raise ValueError(f"data_dir {data} does not exist (pass download / --download to fetch {cfg.dataset})")
+    if not cfg.output:
+        raise ValueError("output must name a folder, got an empty string")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume and overwrite contradict each other: pass one of them")
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """Build the model on the meta device: its options are checked by the model itself, at no cost."""
+    attention = None if cfg.attention.lower() == "none" else cfg.attention
+    kwargs = cfg.model_kwargs()
+    with torch.device("meta"):
+        create_model(cfg.model, attention=attention, **kwargs)
+
+
+def available_devices() -> list[str]:
+    """The ``device`` settings this machine can run: auto, cpu and one entry per CUDA device."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["auto", "cpu", *(["cuda"] if n else []), *(f"cuda:{i}" for i in range(n))]
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (auto, cpu, cuda, cuda:N), else a ValueError naming those that exist."""
+    devices = available_devices()
+    if device not in devices:
+        raise ValueError(f"device {device!r} is not available here; devices that exist: {', '.join(devices)}")
+    return device
+
+
+def check_output_path(path: str | Path, what: str = "output", *, folder: bool = True) -> Path:
+    """``path`` if it can be written: no part above it is an existing file; a ``folder`` is not a file itself,
+    a file is not a folder."""
+    path = Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise ValueError(f"{what} {path} exists and is not a folder")
+    if path.exists() and not folder and path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, expected a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+# ------------------------------------------------------------------------------------------ resuming a run
+# What --resume may change. Settings that DEFINE a run (the model and every attention option, the data and its
+# options, the optimisation: batch size, lr, momentum, weight decay, schedule and its parameters, seed, amp,
+# accumulation steps, steps per epoch) are refused when they differ from the stored run: the checkpoint was made
+# with them and would silently keep the old values (or skip other samples). Settings that only say HOW or HOW LONG
+# the run goes on may change; the change is applied, logged and written to config.yaml. ``epochs`` may change
+# except under the cosine schedule, whose curve is fitted to the number of epochs.
+MAY_CHANGE = ("epochs", "workers", "progress", "save_every_steps", "tensorboard", "device", "fuse", "compile",
+              "memory_efficient", "channels_last", "data_dir", "download", "bad_images")
+NOT_COMPARED = ("output", "resume", "overwrite", "config")
+RUN_DEFINING = tuple(k for k in _FIELDS if k not in MAY_CHANGE and k not in NOT_COMPARED)
+
+
+def resume_changes(stored: Mapping[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Compare a stored run's configuration with ``cfg``: (refused differences, allowed ones), one text each.
+
+    Keys the stored configuration lacks (runs from older versions) count as their defaults.
+    """
+    refused, allowed = [], []
+    defaults = TrainConfig()
+    for key in _FIELDS:
+        if key in NOT_COMPARED:
+            continue
+        old = stored.get(key, getattr(defaults, key))
+        new = getattr(cfg, key)
+        if isinstance(old, (list, tuple)):
+            old = list(old)
+        if isinstance(new, (list, tuple)):
+            new = list(new)
+        if old == new:
+            continue
+        text = f"{key}: stored {old!r}, given {new!r}"
+        defining = key in RUN_DEFINING or (key == "epochs" and cfg.schedule == "cosine")
+        (refused if defining else allowed).append(text)
+    return refused, allowed
+
+
+def check_resume(stored: Mapping[str, Any], cfg: TrainConfig, where: str) -> list[str]:
+    """The allowed changes of resuming ``stored`` with ``cfg`` (to log); a ValueError naming every refused one."""
+    refused, allowed = resume_changes(stored, cfg)
+    if refused:
+        raise ValueError(f"--resume: this command does not fit the run stored in {where}: {'; '.join(refused)} "
+                         "(the settings that define a run cannot change on resume: leave them out, or start a new "
+                         "--output)")
+    return allowed
+
+
+def stored_config(output: str | Path) -> dict[str, Any] | None:
+    """The run configuration saved in ``output``/config.yaml (known keys only), or None when there is none."""
+    path = Path(output) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError) as exc:
+        raise ValueError(f"{path} is not readable YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a mapping of keys to values, got {type(data).__name__}")
+    return {k: coerce(k, v, str(path)) for k, v in data.items() if k in _FIELDS}
+
+
 
 
 def _base_types(hint) -> tuple[type, ...]:
@@ -178,9 +359,16 @@ def load_yaml(name: str) -> dict[str, Any]:
 def resolve(overrides: Mapping[str, Any], source: str = "overrides") -> TrainConfig:
     """Defaults, then the ``config`` recipe or file named in ``overrides``, then the other overrides (None: unset).
 
-    ``source`` names the overrides in error messages (the command line passes "command line").
+    With ``resume`` the run stored in ``output`` (its config.yaml) comes between the defaults and the recipe, so
+    ``--resume --output DIR`` alone continues the run as it was; what is given on top is checked against it
+    (:func:`check_resume`) when training starts. ``source`` names the overrides in error messages (the command
+    line passes "command line"). The result is validated (:meth:`TrainConfig.validate`).
     """
     values: dict[str, Any] = {}
+    if overrides.get("resume") and overrides.get("output"):
+        stored = stored_config(overrides["output"])
+        if stored:
+            values.update({k: v for k, v in stored.items() if k not in NOT_COMPARED})
     if overrides.get("config"):
         values.update(load_yaml(overrides["config"]))
     values.update({k: coerce(k, v, source) for k, v in overrides.items() if v is not None})

@@ -9,12 +9,13 @@ micro-batches).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .signals import run_forwarding
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,37 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values.cpu()
 
 
+# seconds torchrun gives its workers, once it has passed a signal on, to save and leave before it kills them
+# (torchrun's own default is 30, short for a worker that is evaluating when the signal comes); the environment
+# variable torchrun reads (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) sets it instead when given
+SHUTDOWN_TIMEOUT_S = 300
+
+
 def launch_torchrun(nproc_per_node: int, argv: list[str]) -> int:
-    """Run ``torchrun --nproc-per-node N -m cbam train ...`` for the user and wait for it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-           "-m", "cbam", *argv]
-    print("launching:", " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    """Run ``torchrun --nproc-per-node N -m cbam train ...`` for the user and wait for it and its workers.
+
+    SIGINT / SIGTERM are passed on to torchrun, which passes them to every worker; the workers save their
+    checkpoint and leave, and this returns 128 + the signal's number once all of them have exited (nothing is
+    left running). Otherwise it returns torchrun's exit code.
+    """
+    args = ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        args.append(f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}")
+    args += ["-m", "cbam", *argv]
+    print("launching: -m torch.distributed.run", " ".join(args), flush=True)
+    # torchrun itself, through torchrun_main: a signal ends it with an exit code rather than a traceback
+    runner = "import sys; from cbam.train.distributed import torchrun_main; sys.exit(torchrun_main())"
+    return run_forwarding([sys.executable, "-c", runner, *args])
+
+
+def torchrun_main() -> int:
+    """torchrun (``python -m torch.distributed.run``) on ``sys.argv[1:]``; stopped by a signal (once its workers
+    have exited), it returns 128 + the signal's number instead of ending in a traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main()
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0

@@ -3,8 +3,8 @@
 What makes a resumed run end bit-identical to an uninterrupted one: the sample order and each sample's
 augmentation are functions of (seed, epoch, index) (``sampler.py``); the checkpoint holds model,
 optimizer, scheduler, AMP scaler, epoch, step within the epoch, the epoch's running sums and every RNG
-state; checkpoints are replaced atomically. SIGINT / SIGTERM set a flag that the loop checks after each
-step: it saves, says where, and leaves with exit code 130 / 143.
+state; checkpoints are replaced atomically. SIGINT / SIGTERM set a flag (:mod:`cbam.train.signals`, from the
+start of set-up on) that the loop checks after each step: it saves, says where, and leaves with exit code 130 / 143.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,25 +37,19 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,
+    load_checkpoint_or_previous,
+    load_weights,
+    previous_path,
     rng_state,
     save_checkpoint,
     save_weights,
     set_rng_state,
 )
-from .config import TrainConfig, from_dict, to_yaml
+from .config import TrainConfig, check_output_path, check_resume, from_dict, stored_config, to_yaml
 from .data import build_datasets, build_loader
+from .signals import Interrupted, StopFlag
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "curves.png", "checkpoints")
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT / SIGTERM after saving; ``exit_code`` is 128 + signal number."""
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        self.exit_code = 128 + signum
-        self.checkpoint = checkpoint
-        where = f"; saved {checkpoint}, continue with --resume" if checkpoint else ""
-        super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
 
 
 class Diverged(Exception):
@@ -123,28 +115,46 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_epochs])
 
 
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a run worth protecting: a checkpoint or final weights. The leftovers of a start that
+    failed before its first checkpoint (config.yaml, an empty metrics.jsonl, an empty checkpoints/) do not."""
+    return (out / "model.safetensors").exists() or any((out / "checkpoints").glob("*.pt"))
+
+
 def check_output(cfg: TrainConfig) -> list[str]:
-    """Refuse to mix two runs in one folder unless --resume or --overwrite says what to do."""
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a folder")
+    """Refuse to mix two runs in one folder unless --resume or --overwrite says what to do; with --resume,
+    refuse settings that differ from the stored run's defining ones (see :func:`~cbam.train.config.check_resume`).
+
+    Returns the run files already in the folder. A folder without a checkpoint is no run to protect: a failed
+    start is simply started again.
+    """
+    out = check_output_path(cfg.output, "output")
     existing = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if cfg.resume:
         if not (out / "checkpoints" / "last.pt").exists():
-            raise ValueError(f"--resume: no checkpoint to resume in {out} (expected {out}/checkpoints/last.pt)")
-    elif existing and not cfg.overwrite:
+            hint = ("; it holds no checkpoint (a start that failed early), so run again without --resume to start "
+                    "over" if existing else "")
+            raise ValueError(f"--resume: no checkpoint to resume in {out} (expected {out}/checkpoints/last.pt){hint}")
+        stored = stored_config(out)
+        if stored is not None:
+            check_resume(stored, cfg, str(out / "config.yaml"))
+    elif existing and not cfg.overwrite and holds_run(out):
         raise ValueError(f"output folder {out} already holds a run ({', '.join(existing)}); "
                          "pass --resume to continue it or --overwrite to replace it")
     return existing
 
 
 def prepare_output(cfg: TrainConfig, info: D.DistInfo) -> Path:
-    """Check the output folder on every rank, then let rank 0 clear (--overwrite) and create it."""
+    """Check the output folder on every rank, then let rank 0 clear it (--overwrite, or the leftovers of a start
+    that failed before its first checkpoint) and create it."""
     out = Path(cfg.output)
     existing = check_output(cfg)
     D.barrier(info)  # every rank has looked before rank 0 changes anything
     if info.is_main:
-        if cfg.overwrite and not cfg.resume:
+        if existing and not cfg.resume:
+            if not cfg.overwrite:
+                print(f"output {out} holds no checkpoint, only the start of a run that stopped early "
+                      f"({', '.join(existing)}); starting it over", flush=True)
             for name in existing:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -153,33 +163,27 @@ def prepare_output(cfg: TrainConfig, info: D.DistInfo) -> Path:
     return out
 
 
-class _StopFlag:
-    """SIGINT / SIGTERM handlers that only raise a flag; the loop acts on it at a safe point."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``. A torn last line (a write cut short) is dropped and said so: the checkpoint,
+    not this log, says where the run was. A bad line anywhere else is a ValueError naming the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise ValueError("not a metrics row")
+        except ValueError:
+            if k == len(lines) - 1:
+                print(f"{path}: dropped a torn last line (line {n}, {len(line)} characters); "
+                      "the checkpoint says where the run was", flush=True)
+                break
+            raise ValueError(f"{path}: line {n} is not a metrics row (JSON object with an epoch); fix or remove "
+                             "that line") from None
+        rows.append(row)
+    return rows
 
 
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> None:
@@ -258,12 +262,15 @@ def load_run(path: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor], Pa
         config_file = path.parent / "config.yaml"
         if not config_file.exists():
             raise CheckpointError(f"{path}: expected the run's config.yaml beside it to rebuild the model")
-        try:
-            weights = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"weights {path} are corrupt or truncated ({exc})") from None
+        weights = load_weights(path)  # digest checked
         return from_dict(yaml.safe_load(config_file.read_text())), weights, path
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)  # digest checked before anything is unpickled
+    except CheckpointError as exc:
+        prev = previous_path(path)
+        if prev.is_file():
+            raise CheckpointError(f"{exc}; the previous checkpoint {prev} can be evaluated instead") from None
+        raise
     if "config" not in state:
         raise CheckpointError(f"checkpoint {path} holds no run configuration")
     return from_dict(state["config"]), state["model"], path
@@ -382,6 +389,7 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any
     ``on_step`` is called after every optimizer step with the epoch, batch and step reached. Bad settings and
     data are ValueErrors; SIGINT / SIGTERM end in :class:`Interrupted`, a non-finite loss in :class:`Diverged`.
     """
+    cfg.validate()  # every setting, the device and the output folder, before anything starts
     info = D.setup(cfg.device)
     try:
         return _train(cfg, info, on_step)
@@ -390,17 +398,18 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> dict[str, Any]:
-    run = _setup(cfg, info, on_step)
-    position = _resume(run)
-    _open_logs(run, position)
-    _wrap_for_training(run)
-    with _StopFlag() as stop:
+    # a signal during set-up is kept too: the first step's all-reduce (agreed on by every rank) acts on it
+    with StopFlag() as stop:
+        run = _setup(cfg, info, on_step)
+        position = _resume(run)
+        _open_logs(run, position)
+        _wrap_for_training(run)
         while position.epoch < cfg.epochs:
             _train_epoch(run, position, stop)
             row, is_best = _end_epoch(run, position)
             _log_epoch(run, row)
             _save_last(run, position, also_best=is_best)
-    return _finish(run, position)
+        return _finish(run, position)
 
 
 def fuse_wanted(cfg: TrainConfig, device: torch.device) -> bool:
@@ -455,8 +464,11 @@ def _resume(run: Run) -> Position:
     """The position to start from: the beginning, or everything ``last.pt`` saved (states, sums, RNGs)."""
     if not run.cfg.resume:
         return Position()
-    info, last_path = run.info, run.last_path
-    state = load_checkpoint(last_path)
+    info = run.info
+    state, last_path, fell_back = load_checkpoint_or_previous(run.last_path)  # digests checked
+    if fell_back and info.is_main:
+        print(fell_back, flush=True)
+    _check_run_config(run, state, last_path)
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -473,6 +485,20 @@ def _resume(run: Run) -> Position:
         print(f"resuming {last_path}: epoch {position.epoch + 1}, batch {position.batch}, step {position.step}",
               flush=True)
     return position
+
+
+def _check_run_config(run: Run, state: dict[str, Any], path: Path) -> None:
+    """The run's defining settings must be the checkpoint's; allowed changes (more epochs, workers, ...) are logged.
+
+    config.yaml is compared before any work (:func:`check_output`); this compares with the checkpoint itself,
+    which is what the weights were trained with. See :data:`~cbam.train.config.MAY_CHANGE`.
+    """
+    allowed = check_resume(state["config"], run.cfg, str(path)) if "config" in state else []
+    if state.get("epoch", 0) > run.cfg.epochs:
+        raise ValueError(f"--resume: epochs {run.cfg.epochs} is fewer than the {state['epoch']} the run in "
+                         f"{run.out} has already trained")
+    if allowed and run.info.is_main:
+        print(f"resume: changed settings applied (config.yaml updated): {'; '.join(allowed)}", flush=True)
 
 
 def _open_logs(run: Run, position: Position) -> None:
@@ -498,7 +524,7 @@ def _wrap_for_training(run: Run) -> None:
     run.started = time.time()
 
 
-def _train_epoch(run: Run, position: Position, stop: _StopFlag) -> None:
+def _train_epoch(run: Run, position: Position, stop: StopFlag) -> None:
     """Optimizer steps from ``position.batch`` to the epoch's end, saving when asked or when stopped."""
     cfg, info = run.cfg, run.info
     sampler = run.train_loader.sampler
@@ -547,7 +573,7 @@ def _train_epoch(run: Run, position: Position, stop: _StopFlag) -> None:
     position.totals.seconds += time.time() - t0
 
 
-def _train_step(run: Run, micro_batches: Iterator[Any], stop: _StopFlag) -> StepResult:
+def _train_step(run: Run, micro_batches: Iterator[Any], stop: StopFlag) -> StepResult:
     """Forward and backward over one step's micro-batches (gradients accumulated), then one all-reduce of the
     loss, the image count and the stop / non-finite flags, so that every rank takes the same decision."""
     cfg, info = run.cfg, run.info
@@ -622,7 +648,7 @@ def _save_last(run: Run, position: Position, *, also_best: bool = False) -> Path
     """Save ``last.pt`` (and ``best.pt``) at ``position``; every rank takes part, rank 0 writes."""
     state = _checkpoint_state(run, position)
     if run.info.is_main:
-        save_checkpoint(run.last_path, state)
+        save_checkpoint(run.last_path, state, keep_previous=True)  # last.prev.pt: the fallback if last.pt goes bad
         if also_best:
             save_checkpoint(run.best_path, state)
     return run.last_path
@@ -631,8 +657,11 @@ def _save_last(run: Run, position: Position, *, also_best: bool = False) -> Path
 def _finish(run: Run, position: Position) -> dict[str, Any]:
     """Rank 0 writes the final weights, summary.json and the curves; returns the summary ({} elsewhere)."""
     cfg, info, metrics, best = run.cfg, run.info, run.metrics, position.best
+    bad_images = _bad_images_skipped(run)  # a collective under the launcher: before rank 0 goes its own way
     if not info.is_main:
         return {}
+    if bad_images:
+        print(f"skipped {len(bad_images)} unreadable image(s) (--bad-images skip), each named above", flush=True)
     final = metrics[-1] if metrics else {}
     summary = {
         "model": cfg.model, "attention": cfg.attention, "dataset": cfg.dataset, "epochs": cfg.epochs,
@@ -642,7 +671,7 @@ def _finish(run: Run, position: Position) -> dict[str, Any]:
         "best_epoch": best["epoch"] if best else None,
         "params": run.params, "gmacs": run.macs / 1e9, "images_per_s": final.get("images_per_s"),
         "wall_time_s": sum(m["seconds"] for m in metrics), "session_time_s": time.time() - run.started,
-        "world_size": info.world_size,
+        "world_size": info.world_size, "bad_images_skipped": len(bad_images),
     }
     save_weights(run.out / "model.safetensors", run.model, metadata={"model": cfg.model, "attention": cfg.attention})
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -651,6 +680,19 @@ def _finish(run: Run, position: Position) -> dict[str, Any]:
     if run.tb is not None:
         run.tb.close()
     return summary
+
+
+def _bad_images_skipped(run: Run) -> list[str]:
+    """Paths of the unreadable images skipped (``--bad-images skip``) in this session, over every rank."""
+    paths: set[str] = set()
+    for loader in (run.train_loader, run.val_loader):
+        dataset = getattr(loader.dataset, "dataset", loader.dataset)
+        paths.update(getattr(dataset, "skipped", ()))
+    if run.info.distributed:
+        gathered: list[Any] = [None] * run.info.world_size
+        torch.distributed.all_gather_object(gathered, sorted(paths))
+        paths = {p for rank_paths in gathered for p in rank_paths}
+    return sorted(paths)
 
 
 def _progress(cfg: TrainConfig, info: D.DistInfo, total: int, initial: int, epoch: int):
