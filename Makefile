@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test test-all lint demo bench clean
+.PHONY: venv test test-slow test-all lint demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ test: venv lint
 
 test-all: venv lint
 	$(PY) -m pytest -q -m ''
+
+# Only the tests marked slow (CI runs them after `make test`).
+test-slow: venv
+	$(PY) -m pytest -q -m slow
 
 # The README's main job: a plain and a CBAM ResNet trained on synthetic data, compared (outputs in runs/demo).
 demo: venv

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--full", action="store_true",
                         help="ResNet-50 stage shapes at batch 32 (default: off, quick: two shapes at batch 8)")
-    parser.add_argument("--rounds", type=at_least(5), default=5,
+    parser.add_argument("--rounds", type=at_least(5, 1000), default=5,
                         help="interleaved rounds, for the median and spread; at least 5 (default: %(default)s)")
     parser.add_argument("--min-seconds", type=float, default=0.2,
                         help="each timing repeats a case until this many seconds have passed (default: %(default)s)")
@@ -53,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="module input shapes NxCxHxW, comma-separated; overrides --full (default: by --full)")
     parser.add_argument("--network", default="resnet50",
                         help="registered model for the network cases (default: %(default)s)")
-    parser.add_argument("--network-batch", type=at_least(1), default=8,
+    parser.add_argument("--network-batch", type=at_least(1, 4096), default=8,
                         help="images per batch in the network cases (default: %(default)s)")
-    parser.add_argument("--network-size", type=at_least(1), default=224,
+    parser.add_argument("--network-size", type=at_least(1, 4096), default=224,
                         help="input side of the network cases, in pixels (default: %(default)s)")
     parser.add_argument("--allocator", choices=("both", "default", "tuned", "current"), default="both",
                         help="glibc malloc setting, one child process each; 'current' runs in this process "
@@ -110,8 +110,10 @@ def check_args(args: argparse.Namespace) -> None:
     devices = [d for d in available_devices() if d != "auto"]
     if args.device not in devices:
         raise ValueError(f"device {args.device!r} is not available here; devices that exist: {', '.join(devices)}")
-    if not math.isfinite(args.min_seconds) or args.min_seconds < 0:
-        raise ValueError(f"--min-seconds must be a finite number >= 0 (0: one call a timing), got {args.min_seconds!r}")
+    if not math.isfinite(args.min_seconds) or not 0 <= args.min_seconds <= 60:
+        raise ValueError(f"--min-seconds must be between 0 (one call a timing) and 60, got {args.min_seconds!r}")
+    if args.shapes and max(n * c * h * w for n, c, h, w in args.shapes) > 2**31:
+        raise ValueError(f"shapes of at most 2**31 elements each, got {args.shapes}")
     if args.networks and args.network not in list_models():
         raise ValueError(f"unknown model {args.network!r}; expected one of {', '.join(list_models())}")
     if args.modules and args.shapes and min(c for _, c, _, _ in args.shapes) < 16:

@@ -37,8 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--attention plus the network and attention options of ``create_model``; an unset option stays unset (None)."""
     parser.add_argument("--attention", choices=ATTENTION_CHOICES, default=None, help=MODEL_HELP["attention"])
     g = parser.add_argument_group("attention options (create_model keywords)")
-    g.add_argument("--reduction", type=at_least(1), default=None, help=MODEL_HELP["reduction"])
-    g.add_argument("--kernel-size", type=at_least(1), default=None, help=MODEL_HELP["kernel_size"])
+    g.add_argument("--reduction", type=at_least(1, 4096), default=None, help=MODEL_HELP["reduction"])
+    g.add_argument("--kernel-size", type=at_least(1, 255), default=None, help=MODEL_HELP["kernel_size"])
     g.add_argument("--arrangement", choices=ARRANGEMENTS, default=None, help=MODEL_HELP["arrangement"])
     g.add_argument("--preset", choices=tuple(PRESETS), default=None, help=MODEL_HELP["preset"])
     g.add_argument("--pool-types", type=pool_list, default=None, help=MODEL_HELP["pool_types"])
@@ -46,11 +46,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-spatial", dest="spatial", action="store_const", const=False, default=None,
                    help=MODEL_HELP["spatial"])
     n = parser.add_argument_group("network options")
-    n.add_argument("--widen", type=positive_float, default=None, help=MODEL_HELP["widen"])
-    n.add_argument("--width-mult", type=positive_float, default=None, help=MODEL_HELP["width_mult"])
+    n.add_argument("--widen", type=width_factor, default=None, help=MODEL_HELP["widen"])
+    n.add_argument("--width-mult", type=width_factor, default=None, help=MODEL_HELP["width_mult"])
     n.add_argument("--stride-in-1x1", action="store_const", const=True, default=None,
                    help=MODEL_HELP["stride_in_1x1"])
-    n.add_argument("--in-chans", type=at_least(1), default=None, help=MODEL_HELP["in_chans"])
+    n.add_argument("--in-chans", type=at_least(1, 4096), default=None, help=MODEL_HELP["in_chans"])
 
 
 def pool_list(text: str) -> tuple[str, ...]:
@@ -62,16 +62,18 @@ def pool_list(text: str) -> tuple[str, ...]:
     return pools
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= ``minimum`` (a bad one is argparse's one-line error naming the flag)."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum`` (and <= ``maximum``: past it a value is a typo that would exhaust
+    memory or never finish); a bad one is argparse's one-line error naming the flag."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            upper = "" if maximum is None else f" and <= {maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}{upper}, got {text!r}")
         return value
 
     parse.__name__ = f"integer >= {minimum}"
@@ -80,16 +82,27 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number above 0."""
+    return _bounded_float(text, math.inf)
+
+
+def width_factor(text: str) -> float:
+    """argparse type: a network width factor, above 0 and at most 16."""
+    return _bounded_float(text, 16.0)
+
+
+def _bounded_float(text: str, maximum: float) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    if not math.isfinite(value) or value <= 0 or value > maximum:
+        upper = "" if maximum == math.inf else f" and <= {maximum:g}"
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0{upper}, got {text!r}")
     return value
 
 
 positive_float.__name__ = "number > 0"
+width_factor.__name__ = "number in (0, 16]"
 
 
 def int_list(text: str) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -167,8 +168,18 @@ def _check_values(cfg: TrainConfig) -> None:
     for key in ("seed", "synthetic_seed"):
         if getattr(cfg, key) >= 2**63:
             _fail(key, "below 2**63", getattr(cfg, key))
-    if cfg.kernel_size is not None and (cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0):
-        _fail("kernel_size", "a positive odd integer (3, 7, ...)", cfg.kernel_size)
+    # upper bounds: a value past them is a typo that would exhaust memory or never finish, not a setting
+    max_workers = 4 * (os.cpu_count() or 1)
+    maximums = {"workers": (max_workers, f"4 x this machine's {os.cpu_count() or 1} CPUs"),
+                "image_size": (4096, "pixels"), "epochs": (100_000, ""), "in_chans": (4096, ""),
+                "reduction": (4096, ""),
+                "synthetic_train_size": (10_000_000, "images"), "synthetic_val_size": (10_000_000, "images")}
+    for key, (high, unit) in maximums.items():
+        value = getattr(cfg, key)
+        if value is not None and value > high:
+            _fail(key, f"at most {high}" + (f" ({unit})" if unit else ""), value)
+    if cfg.kernel_size is not None and not (1 <= cfg.kernel_size <= 255 and cfg.kernel_size % 2):
+        _fail("kernel_size", "an odd integer from 1 to 255 (3, 7, ...)", cfg.kernel_size)
     if not 2 <= cfg.synthetic_classes <= len(SHAPE_NAMES):
         _fail("synthetic_classes", f"between 2 and {len(SHAPE_NAMES)}", cfg.synthetic_classes)
     if cfg.batch_size % cfg.accum_steps:
@@ -176,7 +187,7 @@ def _check_values(cfg: TrainConfig) -> None:
     # real numbers: key -> (lowest, highest, lowest allowed itself)
     ranges = {"lr": (0.0, math.inf, False), "momentum": (0.0, 1.0, True), "weight_decay": (0.0, math.inf, True),
               "gamma": (0.0, math.inf, False), "label_smoothing": (0.0, 1.0, True),
-              "widen": (0.0, math.inf, False), "width_mult": (0.0, math.inf, False)}
+              "widen": (0.0, 16.0, False), "width_mult": (0.0, 16.0, False)}
     for key, (low, high, closed) in ranges.items():
         value = getattr(cfg, key)
         if value is None:
