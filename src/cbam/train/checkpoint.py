@@ -74,8 +74,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then move the finished file over ``path`` in one rename.
+def atomic_write(path: str | Path, write, before_replace=None) -> Path:
+    """Call ``write(tmp_path)`` then move the finished file over ``path`` in one rename; ``before_replace(tmp_path)``,
+    if given, runs on the finished, synced file first (a check that raises leaves ``path`` untouched).
 
     The file gets mode ``0o666`` masked by the process umask, like every file ``open(..., "w")`` makes.
     """
@@ -90,6 +91,8 @@ def atomic_write(path: str | Path, write) -> Path:
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -166,28 +169,19 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], *, keep_previous: b
     leaves at least one file that matches its digest.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({**state, INTEGRITY_KEY: INTEGRITY_VALUE}, buffer)
     data = buffer.getbuffer()
     digest = hashlib.sha256(data).hexdigest()
-    tmp = _create_temp(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def check_then_keep(tmp: Path) -> None:
         if _sha256_file(tmp) != digest:
             raise OSError(f"checkpoint {path}: the bytes read back differ from those written; nothing replaced")
         if keep_previous:
             _keep_previous(path)
         _write_digest(path, digest)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return atomic_write(path, lambda tmp: _write_bytes(tmp, data), check_then_keep)
 
 
 def _keep_previous(path: Path) -> None:
