@@ -1,6 +1,7 @@
 """cbam: the Convolutional Block Attention Module (Woo et al., ECCV 2018) for PyTorch."""
 
 from .fused import fuse, unfuse
+from .insertion import Placement, insert, load_base_weights, register_placement
 from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
 from .models import create_model, list_models, register_model
 
@@ -16,6 +17,10 @@ __all__ = [
     "create_model",
     "fuse",
     "get_attn",
+    "insert",
+    "load_base_weights",
+    "Placement",
+    "register_placement",
     "list_models",
     "register_model",
     "unfuse",

@@ -32,15 +32,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..insertion.torchvision import AttendedBasicBlock, AttendedBottleneck
 from ..layers.cbam import CBAM
+from ..models.blocks import registered_blocks, set_fused_type
 from ..models.cifar import CifarBasicBlock
 from ..models.mobilenet import DepthwiseSeparable, MobileNetV1
 from ..models.resnet import BasicBlock, Bottleneck
 from .function import cbam_fused, hooked, serves, supported
 
 __all__ = ["FusedBlock", "fuse", "fused_types", "register_fusion", "unfuse"]
-
-_FUSIONS: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 class FusedBlock:
@@ -162,18 +162,16 @@ def register_fusion(block_type: type[nn.Module], fused_type: type[nn.Module] | N
             )
         if "__init__" in vars(fused):
             raise TypeError(f"register_fusion: {fused.__name__} must not define __init__ (fusing swaps the class)")
-        if block_type in _FUSIONS and _FUSIONS[block_type] is not fused:
-            raise ValueError(f"register_fusion: {block_type.__name__} already has {_FUSIONS[block_type].__name__}")
+        set_fused_type(block_type, fused)
         fused.fused_from = block_type  # type: ignore[attr-defined]
-        _FUSIONS[block_type] = fused
         return fused
 
     return register if fused_type is None else register(fused_type)
 
 
 def fused_types() -> dict[type[nn.Module], type[nn.Module]]:
-    """Block type -> its fused type, a copy of the registry."""
-    return dict(_FUSIONS)
+    """Block type -> its fused type, from the block registry that :func:`cbam.insert` shares."""
+    return {kind: spec.fused for kind, spec in registered_blocks().items() if spec.fused is not None}
 
 
 def fuse(model: nn.Module, *, memory_efficient: bool = False) -> list[str]:
@@ -185,7 +183,8 @@ def fuse(model: nn.Module, *, memory_efficient: bool = False) -> list[str]:
         raise TypeError(f"fuse: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(memory_efficient, bool):
         raise TypeError(f"fuse: memory_efficient must be True or False, got {memory_efficient!r}")
-    fused_set = set(_FUSIONS.values())
+    fusions = fused_types()
+    fused_set = set(fusions.values())
     changed = []
     for path, module in model.named_modules():
         kind = type(module)
@@ -194,7 +193,7 @@ def fuse(model: nn.Module, *, memory_efficient: bool = False) -> list[str]:
                 module.memory_efficient = memory_efficient
                 changed.append(path)
             continue
-        fused = _FUSIONS.get(kind)
+        fused = fusions.get(kind)
         if fused is None or fused.fusable(module, memory_efficient) is not None:
             continue
         module.__class__ = fused
@@ -207,9 +206,10 @@ def unfuse(model: nn.Module) -> list[str]:
     """Turn every fused block of ``model`` back into its plain type, in place; returns the module paths it changed."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfuse: expected an nn.Module, got {type(model).__name__}")
+    fused_set = set(fused_types().values())
     changed = []
     for path, module in model.named_modules():
-        if isinstance(module, FusedBlock) and type(module) in _FUSIONS.values():
+        if isinstance(module, FusedBlock) and type(module) in fused_set:
             module.__class__ = type(module).fused_from
             vars(module).pop("memory_efficient", None)
             changed.append(path)
@@ -219,29 +219,39 @@ def unfuse(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The package's own blocks
 # ----------------------------------------------------------------------------------------------------------------------
-@register_fusion(BasicBlock)
-class FusedBasicBlock(FusedBlock, BasicBlock):
-    """BasicBlock with its tail ``relu(attn(bn2(.)) + shortcut)`` in the kernels."""
+class BasicTail(FusedBlock):
+    """The fused forward of a torchvision-style basic block (``conv1 bn1 relu conv2 bn2 attn``, ``downsample``): its
+    tail ``relu(attn(bn2(.)) + shortcut)`` in the kernels. Shared by this package's block and torchvision's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observed():
-            return super().forward(x)
+            return self.fused_from.forward(self, x)
         shortcut, shortcut_norm = split_shortcut(self.downsample, x)
         out = self.relu(self.bn1(self.conv1(x)))
         return self.residual_tail(self.bn2, self.attn, self.conv2(out), shortcut, shortcut_norm)
 
 
-@register_fusion(Bottleneck)
-class FusedBottleneck(FusedBlock, Bottleneck):
-    """Bottleneck with its tail ``relu(attn(bn3(.)) + shortcut)`` in the kernels."""
+class BottleneckTail(FusedBlock):
+    """The fused forward of a torchvision-style bottleneck (``conv1..3 bn1..3 relu attn``, ``downsample``): its tail
+    ``relu(attn(bn3(.)) + shortcut)`` in the kernels. Shared by this package's block and torchvision's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observed():
-            return super().forward(x)
+            return self.fused_from.forward(self, x)
         shortcut, shortcut_norm = split_shortcut(self.downsample, x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.residual_tail(self.bn3, self.attn, self.conv3(out), shortcut, shortcut_norm)
+
+
+@register_fusion(BasicBlock)
+class FusedBasicBlock(BasicTail, BasicBlock):
+    """BasicBlock with its tail ``relu(attn(bn2(.)) + shortcut)`` in the kernels."""
+
+
+@register_fusion(Bottleneck)
+class FusedBottleneck(BottleneckTail, Bottleneck):
+    """Bottleneck with its tail ``relu(attn(bn3(.)) + shortcut)`` in the kernels."""
 
 
 @register_fusion(CifarBasicBlock)
@@ -280,3 +290,16 @@ class FusedMobileNetV1(FusedBlock, MobileNetV1):
         if self.observed():
             return super().forward_stem(x)
         return self.act_stem(self.norm_attention(self.bn_stem, self.attn_stem, self.conv_stem(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torchvision's ResNet blocks after cbam.insert (same attribute names as the package's own)
+# ----------------------------------------------------------------------------------------------------------------------
+@register_fusion(AttendedBasicBlock)
+class FusedTorchvisionBasicBlock(BasicTail, AttendedBasicBlock):
+    """torchvision's BasicBlock with inserted CBAM, its tail in the kernels."""
+
+
+@register_fusion(AttendedBottleneck)
+class FusedTorchvisionBottleneck(BottleneckTail, AttendedBottleneck):
+    """torchvision's Bottleneck with inserted CBAM, its tail in the kernels."""
