@@ -3,7 +3,8 @@
 from .fused import fuse, unfuse
 from .insertion import Placement, insert, load_base_weights, register_placement
 from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
-from .models import create_model, list_models, register_model
+from .factory import create_model
+from .models import list_models, register_model
 
 __version__ = "0.1.0"
 

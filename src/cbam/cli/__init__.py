@@ -1,4 +1,4 @@
-"""The ``cbam`` command line: one subcommand per job (profile, train, eval, demo, ablate, bench).
+"""The ``cbam`` command line: one subcommand per job (profile, train, eval, demo, ablate, bench, convert, export).
 
 This package is the only place that parses arguments: the library (``cbam.train``, ``cbam.bench``,
 ``cbam.models``, ``cbam.profile``) takes plain Python values and raises ``ValueError`` / ``TypeError`` on bad
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..train.signals import Interrupted
-from . import bench, compare, profile, train
+from . import bench, compare, convert, export, profile, train
 from .runtime import TUNED_MALLOC_COMMANDS, reexec_with_tuned_malloc, stopped
 
 __all__ = ["COMMANDS", "Command", "Parser", "build_parser", "main"]
@@ -42,6 +42,10 @@ COMMANDS: dict[str, Command] = {
                       "the paper's ablations (Tables 1-3) plus plain and SE, in the paper's form"),
     "bench": Command(bench.add_arguments, bench.run,
                      "time and memory of CBAM next to plain, SE and timm, as ratios measured side by side"),
+    "convert": Command(convert.add_arguments, convert.run,
+                       "a checkpoint from this package, the authors' release, timm or torchvision into safetensors"),
+    "export": Command(export.add_arguments, export.run,
+                      "a network with its checkpoint to ONNX, TorchScript or a torch.export program"),
 }
 
 
