@@ -1,9 +1,9 @@
 """cbam: the Convolutional Block Attention Module (Woo et al., ECCV 2018) for PyTorch."""
 
+from .factory import create_model
 from .fused import fuse, unfuse
 from .insertion import Placement, insert, load_base_weights, register_placement
 from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
-from .factory import create_model
 from .models import list_models, register_model
 
 __version__ = "0.1.0"
