@@ -305,3 +305,20 @@ def test_inserted_modules_follow_the_blocks_mode_device_and_dtype() -> None:
     assert attn.training and attn.channel.fc1.weight.dtype == torch.float64
     model.eval()
     assert not attn.training
+
+
+def test_frozen_batchnorm_backbone_of_a_pretrained_detector(images: torch.Tensor) -> None:
+    """torchvision builds detection backbones with FrozenBatchNorm2d when pretrained weights are asked for: its scale
+    and shift are buffers, scaled the same way."""
+    body = torchvision.models.resnet50(norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    with torch.no_grad():
+        for m in body.modules():
+            if isinstance(m, torchvision.ops.FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+        expected = body.eval()(images)
+    assert len(cbam.insert(body)) == 16
+    assert body.layer1[0].attn.channels == 256
+    with torch.no_grad():
+        assert torch.equal(body(images), expected)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .cifar import CifarBasicBlock
@@ -68,8 +69,11 @@ class Placement:
                 return getattr(norm, attr)
         if isinstance(norm, nn.LayerNorm):
             return int(norm.normalized_shape[0])
-        if isinstance(norm, nn.Parameter):
+        if isinstance(norm, torch.Tensor):  # a scale parameter such as ConvNeXt's layer_scale
             return int(norm.shape[0])
+        weight = getattr(norm, "weight", None)  # torchvision's FrozenBatchNorm2d keeps only its buffers
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            return int(weight.shape[0])
         raise TypeError(f"cannot tell the channel count of {type(norm).__name__}; give the Placement a channels=")
 
 
