@@ -34,7 +34,7 @@ def one_error_line(done: subprocess.CompletedProcess, command: str) -> str:
 @pytest.mark.parametrize(
     "yaml_text, words",
     [("attention: eca\n", "unknown attention 'eca'; expected one of none, se, cbam, bam"),
-     ("preset: foo\nattention: cbam\n", "unknown preset 'foo'; expected one of paper, seed, timm"),
+     ("preset: foo\nattention: cbam\n", "unknown preset 'foo'; expected one of paper, seed, timm, ultralytics"),
      ("arrangement: diagonal\nattention: cbam\n", "expected one of channel_first, spatial_first, parallel")],
 )
 def test_bad_yaml_choices(tmp_path, yaml_text, words):
@@ -88,10 +88,10 @@ def test_bad_input_under_the_launcher_is_checked_once_before_any_worker(tmp_path
 
 
 def test_the_library_raises_value_error_naming_the_choices():
-    with pytest.raises(ValueError, match="unknown preset 'x'; expected one of 'paper', 'seed', 'timm'"):
+    with pytest.raises(ValueError, match="unknown preset 'x'; expected one of 'paper', 'seed', 'timm', 'ultralytics'"):
         create_model("cifar_resnet20", attention="cbam", preset="x")
     for kwargs, words in [({"attention": "eca"}, "expected one of none, se, cbam, bam"),
-                          ({"preset": "foo", "attention": "cbam"}, "expected one of paper, seed, timm"),
+                          ({"preset": "foo", "attention": "cbam"}, "expected one of paper, seed, timm, ultralytics"),
                           ({"model": "resnet9000"}, "unknown model 'resnet9000'; expected one of"),
                           ({"nesterov": True, "momentum": 0.0}, "nesterov needs a momentum"),
                           ({"batch_size": 10, "accum_steps": 3}, "multiple of accum_steps"),

@@ -21,9 +21,10 @@ MODEL_HELP = {
     "reduction": "channel-MLP reduction ratio r: hidden units = channels / r (default: the preset's, 16 for paper)",
     "kernel_size": "side of the spatial gate's convolution, in pixels (default: 7)",
     "arrangement": "order of the channel and spatial gates (default: channel_first, as in the paper)",
-    "preset": "CBAM's small details (biases, norm, init) as in the paper's release, its seed code or timm "
-              "(default: paper)",
-    "pool_types": f"channel-gate pools, comma-separated subset of {','.join(POOL_TYPES)} (default: avg,max)",
+    "preset": "CBAM's small details (biases, norm, init) as in the paper's release, its seed code, timm or "
+              "Ultralytics (default: paper)",
+    "pool_types": f"channel-gate pools, comma-separated subset of {','.join(POOL_TYPES)} "
+                  "(default: the preset's, avg,max; avg for ultralytics)",
     "spatial_compress": "how the spatial gate compresses channels: pool (avg & max) or conv (1x1) (default: pool)",
     "spatial": "the spatial gate; --no-spatial keeps the channel gate only (default: on)",
     "widen": "width factor of wide_resnet18, e.g. 1.5 or 2.0 (default: the model's)",

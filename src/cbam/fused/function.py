@@ -62,6 +62,8 @@ def supported(module: CBAM) -> str | None:
     ch = module.channel
     if module.spatial is not None and module.arrangement != "channel_first":
         return f"arrangement {module.arrangement!r} (kernels: 'channel_first' only)"
+    if ch.fc2 is None:
+        return "a single-layer channel gate (fc2 is None, preset 'ultralytics') (kernels: the two-layer MLP only)"
     others = [p for p in ch.pool_types if p not in ("avg", "max")]
     if others:
         return f"channel pool types {tuple(others)} (kernels: 'avg' and 'max' only)"

@@ -18,8 +18,10 @@ differs from the paper's text we follow the release and say so:
 
 Presets give the exact behaviour of other popular implementations: ``"paper"`` (the above), ``"seed"``
 (the TensorFlow 1 snippet this project started from: hidden width C/2, biased dense layers, biased 7 x 7
-conv, no normalisation) and ``"timm"`` (timm's ``CbamModule``: MLP without biases, hidden width
-round(C/16), BN momentum 0.1 with weight 1). Every ablation of the paper is one keyword away: channel pool
+conv, no normalisation), ``"timm"`` (timm's ``CbamModule``: MLP without biases, hidden width
+round(C/16), BN momentum 0.1 with weight 1) and ``"ultralytics"`` (Ultralytics' ``CBAM``: the channel gate is one
+biased C -> C layer on the average pool only, no hidden layer; the spatial conv has no bias and no normalisation;
+stored as ``channel.fc1`` with ``channel.fc2 = None``). Every ablation of the paper is one keyword away: channel pool
 types, spatial compression by pooling or a learned 1 x 1 conv, kernel size, and the arrangement of the
 two gates (``channel_first``, ``spatial_first``, ``parallel``).
 """
@@ -53,12 +55,16 @@ class Preset:
     spatial_norm: bool
     bn_momentum: float
     init: str  # "release", "seed" or "torch"
+    channel_layers: int = 2  # 1: a single C -> C layer (fc1), no hidden layer, fc2 is None (Ultralytics)
+    pool_types: tuple[str, ...] = ("avg", "max")
 
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(16, "floor", True, False, True, 0.01, "release"),
     "seed": Preset(2, "floor", True, True, False, 0.01, "seed"),
     "timm": Preset(16, "round", False, False, True, 0.1, "torch"),
+    # Ultralytics' CBAM: sigmoid(conv1x1_C->C(avgpool(x))) then a bias-free k x k conv over [mean; max], no norm.
+    "ultralytics": Preset(1, "floor", True, False, False, 0.01, "torch", channel_layers=1, pool_types=("avg",)),
 }
 
 
@@ -91,7 +97,8 @@ class ChannelGate(nn.Module):
     """Channel attention: a shared MLP over pooled H x W descriptors, outputs summed, then a gate.
 
     Parameters are ``fc1`` (C -> hidden) and ``fc2`` (hidden -> C), stored as ``nn.Linear`` weights of
-    shape [hidden, C] and [C, hidden].
+    shape [hidden, C] and [C, hidden]. With ``layers=1`` (Ultralytics' form) the gate is the single layer ``fc1``
+    (C -> C, hidden = C, no activation) and ``fc2`` is None.
     """
 
     def __init__(
@@ -105,10 +112,13 @@ class ChannelGate(nn.Module):
         act_layer: str | type[nn.Module] = "relu",
         gate: str | type[nn.Module] = "sigmoid",
         hidden_rounding: str = "floor",
+        layers: int = 2,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         self.channels = check_positive_int(name, "channels", channels)
+        if layers not in (1, 2) or isinstance(layers, bool):
+            raise ValueError(f"{name}: layers must be 1 (one C -> C layer) or 2 (the MLP), got {layers!r}")
         if isinstance(pool_types, str):
             pool_types = (pool_types,)
         pool_types = tuple(pool_types)
@@ -119,19 +129,26 @@ class ChannelGate(nn.Module):
         if len(set(pool_types)) != len(pool_types):
             raise ValueError(f"{name}: pool_types must not repeat a pool type, got {pool_types}")
         self.pool_types = pool_types
-        if hidden is None:
+        if layers == 1:
+            if hidden not in (None, channels):
+                raise ValueError(f"{name}: a single-layer gate maps {channels} channels to {channels}, "
+                                 f"got hidden={hidden}")
+            hidden = channels
+        elif hidden is None:
             hidden = hidden_width(name, channels, reduction, hidden_rounding)
         self.hidden = check_positive_int(name, "hidden", hidden)
         self.fc1 = nn.Linear(channels, self.hidden, bias=bias)
-        self.act = make_act(name, act_layer)
-        self.fc2 = nn.Linear(self.hidden, channels, bias=bias)
+        self.act = make_act(name, act_layer) if layers == 2 else nn.Identity()
+        self.fc2 = nn.Linear(self.hidden, channels, bias=bias) if layers == 2 else None
         self.gate = make_gate(name, gate)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-gate channel attention, shape (N, C, 1, 1)."""
         pooled = torch.stack([pool_channels(x, p) for p in self.pool_types])  # (P, N, C), one MLP call
-        out = self.fc2(self.act(self.fc1(pooled))).sum(dim=0)
-        return out[:, :, None, None]
+        out = self.fc1(pooled)
+        if self.fc2 is not None:
+            out = self.fc2(self.act(out))
+        return out.sum(dim=0)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(type(self).__name__, x, self.channels)
@@ -207,9 +224,11 @@ class CBAM(nn.Module):
     Args:
         channels: channels C of the feature map.
         reduction: MLP reduction ratio r (hidden = C // r); ``hidden`` sets the width explicitly.
-        preset: ``"paper"`` (the authors' release, default), ``"seed"`` or ``"timm"``; explicit keyword
-            arguments override the preset's values.
-        pool_types: any non-empty subset of ``("avg", "max", "lp", "lse")`` for the channel gate.
+        preset: ``"paper"`` (the authors' release, default), ``"seed"``, ``"timm"`` or ``"ultralytics"``; explicit
+            keyword arguments override the preset's values (``"ultralytics"`` has no reduction: its channel gate is
+            one C -> C layer, so ``reduction`` and ``hidden`` must stay unset).
+        pool_types: any non-empty subset of ``("avg", "max", "lp", "lse")`` for the channel gate (default: the
+            preset's, ``("avg", "max")``; ``("avg",)`` for ``"ultralytics"``).
         spatial: ``False`` keeps the channel gate only (the paper's "channel only" ablation).
         spatial_compress: ``"pool"`` ([avg; max] over C) or ``"conv"`` (a learned 1 x 1 conv to one map).
         kernel_size: odd size of the spatial convolution (the paper uses 7; its ablation also 3).
@@ -231,7 +250,7 @@ class CBAM(nn.Module):
         *,
         preset: str = "paper",
         hidden: int | None = None,
-        pool_types: Sequence[str] = ("avg", "max"),
+        pool_types: Sequence[str] | None = None,
         spatial: bool = True,
         spatial_compress: str = "pool",
         kernel_size: int = 7,
@@ -251,16 +270,23 @@ class CBAM(nn.Module):
         self.arrangement = check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
         if arrangement != "channel_first" and not spatial:
             raise ValueError(f"{name}: arrangement {arrangement!r} needs the spatial gate, got spatial=False")
+        if p.channel_layers == 1 and (reduction not in (None, p.reduction) or hidden not in (None, channels)):
+            given = f"reduction={reduction}" if reduction not in (None, p.reduction) else f"hidden={hidden}"
+            raise ValueError(
+                f"{name}: preset {preset!r} has one {channels} -> {channels} channel layer and no reduction; "
+                f"expected reduction and hidden unset, got {given}"
+            )
         reduction = p.reduction if reduction is None else reduction
         self.channel = ChannelGate(
             channels,
             reduction,
             hidden=hidden,
-            pool_types=pool_types,
+            pool_types=p.pool_types if pool_types is None else pool_types,
             bias=p.mlp_bias if mlp_bias is None else mlp_bias,
             act_layer=act_layer,
             gate=gate,
             hidden_rounding=p.hidden_rounding,
+            layers=p.channel_layers,
         )
         self.spatial = (
             SpatialGate(
@@ -286,7 +312,7 @@ class CBAM(nn.Module):
         spatial BN weight and bias 0 (gate starts at 0.5). ``seed``: Glorot-uniform weights and zero biases
         (TensorFlow's defaults). ``torch``: PyTorch's defaults (what timm's module gets).
         """
-        modules = [self.channel.fc1, self.channel.fc2]
+        modules = [m for m in (self.channel.fc1, self.channel.fc2) if m is not None]
         if self.spatial is not None:
             modules += [self.spatial.conv] + ([self.spatial.compress] if self.spatial.compress_mode == "conv" else [])
         for m in modules:
