@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Kernel", "kernel_for", "reference_only", "register_kernel", "registered_kernels"]
+__all__ = ["Kernel", "exporting", "kernel_for", "reference_only", "register_kernel", "registered_kernels"]
 
 Kernel = Callable[[nn.Module, torch.Tensor], "torch.Tensor | None"]
 
@@ -38,10 +38,21 @@ def registered_kernels() -> dict[str, Kernel]:
 
 
 def kernel_for(x: torch.Tensor) -> Kernel | None:
-    """The kernel registered for x's device type, or None (inside :func:`reference_only`, always None)."""
-    if _REFERENCE_ONLY[0]:
+    """The kernel registered for x's device type, or None: always inside :func:`reference_only`, and while the model is
+    traced or exported (:func:`exporting`), so that exported graphs hold standard operators only."""
+    if _REFERENCE_ONLY[0] or exporting():
         return None
     return _KERNELS.get(x.device.type)
+
+
+def exporting() -> bool:
+    """True while ``torch.jit.trace``, ``torch.export`` or ``torch.onnx.export`` (either exporter) records the model.
+
+    A traced or exported graph must hold standard operators only: the kernels' custom operators exist only in a process
+    that built them, and no other runtime (ONNX Runtime, a C++ program loading TorchScript) knows them. Plain
+    ``torch.compile`` is not exporting (``torch.compiler.is_compiling()`` alone is not checked): its graphs run in this
+    process and keep the kernels."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from torch import nn
 
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
+from .resnet import GlobalAvgPool
 
 __all__ = ["CifarBasicBlock", "CifarResNet", "ShortcutA"]
 
@@ -112,7 +113,7 @@ class CifarResNet(nn.Module):
         self.bam1 = make_attn(attn_cls if at_stage_ends else None, widths[0], attn_kwargs)
         self.bam2 = make_attn(attn_cls if at_stage_ends else None, widths[1], attn_kwargs)
         self.num_features = widths[2]
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)
         init_weights(self, skip=(attn_cls,) if attn_cls is not None else ())

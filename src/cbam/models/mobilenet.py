@@ -36,6 +36,7 @@ from torch import nn
 
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
+from .resnet import GlobalAvgPool
 
 __all__ = ["DepthwiseSeparable", "MobileNetV1", "round_channels"]
 
@@ -149,7 +150,7 @@ class MobileNetV1(nn.Module):
             self.add_module(f"bam{k + 1}", bam)
             self._bam_after[idx] = f"bam{k + 1}"
         self.num_features = in_ch
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.global_pool = GlobalAvgPool()
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self, skip=(attn_cls,) if attn_cls is not None else ())

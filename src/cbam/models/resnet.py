@@ -22,7 +22,19 @@ from torch import nn
 from ._helpers import AttnArg, init_weights, make_attn, resolve_attention
 from ._registry import register_model
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
+__all__ = ["BasicBlock", "Bottleneck", "GlobalAvgPool", "ResNet"]
+
+
+class GlobalAvgPool(nn.Module):
+    """The classifier head's global average pool, (N, C, H, W) -> (N, C, 1, 1), as a plain mean over H x W.
+
+    It computes what ``nn.AdaptiveAvgPool2d(1)`` computes (which PyTorch itself lowers to this mean) and has no state,
+    so state dicts do not change; written as a reduction, exported graphs (ONNX ``ReduceMean``) hold no adaptive
+    pooling operator, which some runtimes reject with a dynamic image size.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -183,7 +195,7 @@ class ResNet(nn.Module):
             bam = make_attn(attn_cls if at_stage_ends else None, stage_ch[i], attn_kwargs)
             self.add_module(f"bam{i + 1}", bam)
         self.num_features = stage_ch[3]
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.drop_rate = drop_rate
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)
