@@ -28,3 +28,12 @@ def test_networks_example_runs():
 def test_first_screen_has_the_two_commands():
     head = README.read_text().split("##")[0]
     assert "make demo" in head and "make test" in head
+
+
+def test_insert_example_runs():
+    """The "networks you already have" block: CBAM inserted into torchvision's ResNet-50, the logits unchanged."""
+    block = python_blocks()[2]
+    assert "cbam.insert" in block
+    namespace: dict = {}
+    exec(compile(block, "README insert", "exec"), namespace)
+    assert len(namespace["paths"]) == 16

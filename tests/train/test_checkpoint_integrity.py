@@ -82,6 +82,7 @@ def flip_safetensors_bytes(path: Path, n: int = 64) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checkpoint integrity
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_flipped_last_checkpoint_is_refused_and_the_previous_good_one_used(tmp_path):
     out = tmp_path / "run"
     train_run(out, "--epochs", "2", "--save-every-steps", "1")
@@ -141,6 +142,7 @@ def test_flipped_checkpoint_is_refused_by_eval(tmp_path):
     assert proc.returncode == 2 and str(best) in one_line(proc.stderr)
 
 
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_flipped_weights_are_refused(tmp_path):
     out = tmp_path / "run"
     train_run(out, "--epochs", "1")
@@ -218,6 +220,7 @@ def test_written_files_get_the_umask_mode(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ torn metrics line
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
     out = tmp_path / "run"
     train_run(out, "--epochs", "2")

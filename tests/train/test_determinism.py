@@ -11,12 +11,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 import cbam
+from cbam.cli import main
 from cbam.fused import native
 from cbam.layers import reference_only
 from cbam.models import list_models, model_meta
+from cbam.train import engine
 from cbam.train.determinism import (
     CUDNN_CONVOLUTION,
     NONDETERMINISTIC,
@@ -200,3 +203,31 @@ def test_deterministic_restores_the_settings_and_the_environment(monkeypatch):
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert before == (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                       torch.backends.cudnn.benchmark)
+
+
+def test_train_deterministic_flag_sets_the_mode_and_reruns_bit_identically(tmp_path):
+    """``cbam train --deterministic``: PyTorch's deterministic mode is on during the run (and off after it), and two
+    runs from the same seed give the same weights."""
+    seen = []
+    original = engine._train_epoch
+
+    def spy(run, position, stop):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(run, position, stop)
+
+    engine._train_epoch = spy
+    try:
+        runs = []
+        for name in ("a", "b"):
+            out = tmp_path / name
+            argv = ["train", "--dataset", "synthetic", "--model", "cifar_resnet20", "--attention", "cbam",
+                    "--image-size", "32", "--synthetic-train-size", "32", "--synthetic-val-size", "16",
+                    "--batch-size", "16", "--epochs", "1", "--no-progress", "--workers", "0", "--deterministic",
+                    "--output", str(out)]
+            assert main(argv) == 0
+            runs.append(load_file(str(out / "model.safetensors")))
+    finally:
+        engine._train_epoch = original
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

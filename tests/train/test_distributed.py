@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,6 +24,7 @@ ARGS = [
 ]
 
 
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     two = tmp_path / "two"
     # ``cbam train --nproc-per-node 2`` runs ``torchrun --nproc-per-node 2 -m cbam train ...`` for the user

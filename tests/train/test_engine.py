@@ -217,6 +217,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.compiler
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_amp_channels_last_and_compile_together(tmp_path):
     out = tmp_path / "run"
     summary = train(tiny_config(out, epochs=1, amp="bf16", channels_last=True, compile=True,

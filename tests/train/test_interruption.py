@@ -99,7 +99,7 @@ COMMANDS = {
     "command, sig",
     [
         pytest.param("demo", signal.SIGTERM, id="demo-SIGTERM"),
-        pytest.param("ablate", signal.SIGINT, id="ablate-SIGINT"),
+        pytest.param("ablate", signal.SIGINT, id="ablate-SIGINT", marks=pytest.mark.slow),
         # the other two pairs, behind the slow marker (CI runs them too)
         pytest.param("demo", signal.SIGINT, id="demo-SIGINT", marks=pytest.mark.slow),
         pytest.param("ablate", signal.SIGTERM, id="ablate-SIGTERM", marks=pytest.mark.slow),
@@ -149,6 +149,7 @@ ARGS = [
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and /proc")
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_sigterm_to_the_launcher_stops_every_worker_and_resume_is_bit_exact(tmp_path):
     out = tmp_path / "interrupted"
     run = Run([*ARGS, "--output", str(out)], tmp_path / "logs-1")

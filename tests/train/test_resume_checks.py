@@ -97,6 +97,7 @@ def test_without_config_yaml_the_checkpoint_is_compared_in_a_real_process(run):
     assert "max_steps_per_epoch: stored None, given 1" in line and "last.pt" in line
 
 
+@pytest.mark.slow  # subprocess runs: CI's slow phase
 def test_a_failed_start_is_retried_and_resume_says_what_to_do(tmp_path):
     out = tmp_path / "run"
     diverged = cbam("train", *TINY, "--lr", "1e30", "--epochs", "1", "--output", str(out))

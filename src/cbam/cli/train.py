@@ -70,6 +70,8 @@ HELP: dict[str, str] = {
             "--memory-efficient; --no-fuse keeps the plain blocks",
     "memory_efficient": "fused blocks recompute activations in backward instead of saving them (less memory, "
                         "some time); fuses on any device",
+    "deterministic": "torch.use_deterministic_algorithms(True) and deterministic cuDNN: a rerun gives the same weights "
+                     "(an operator without a deterministic version raises; see docs/export.md)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     # run management
     "seed": "random seed of initialisation, sample order and augmentation",

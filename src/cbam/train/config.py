@@ -91,6 +91,7 @@ class TrainConfig:
     compile: bool = False
     fuse: bool = True  # cbam.fuse on the CPU (or anywhere with memory_efficient)
     memory_efficient: bool = False  # fused blocks recompute activations in backward
+    deterministic: bool = False  # torch.use_deterministic_algorithms and deterministic cuDNN (cbam.train.determinism)
     device: str = "auto"
     # run management
     seed: int = 0
@@ -258,7 +259,7 @@ def check_output_path(path: str | Path, what: str = "output", *, folder: bool = 
 # the run goes on may change; the change is applied, logged and written to config.yaml. ``epochs`` may change
 # except under the cosine schedule, whose curve is fitted to the number of epochs.
 MAY_CHANGE = ("epochs", "workers", "progress", "save_every_steps", "tensorboard", "device", "fuse", "compile",
-              "memory_efficient", "channels_last", "data_dir", "download", "bad_images")
+              "memory_efficient", "deterministic", "channels_last", "data_dir", "download", "bad_images")
 NOT_COMPARED = ("output", "resume", "overwrite", "config")
 RUN_DEFINING = tuple(k for k in _FIELDS if k not in MAY_CHANGE and k not in NOT_COMPARED)
 

@@ -47,6 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, check_output_path, check_resume, from_dict, stored_config, to_yaml
 from .data import build_datasets, build_loader
+from .determinism import deterministic
 from .signals import Interrupted, StopFlag
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "curves.png", "checkpoints")
@@ -392,7 +393,8 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> dict[str, Any
     cfg.validate()  # every setting, the device and the output folder, before anything starts
     info = D.setup(cfg.device)
     try:
-        return _train(cfg, info, on_step)
+        with deterministic() if cfg.deterministic else contextlib.nullcontext():
+            return _train(cfg, info, on_step)
     finally:
         D.cleanup()
 
