@@ -37,3 +37,20 @@ def test_insert_example_runs():
     namespace: dict = {}
     exec(compile(block, "README insert", "exec"), namespace)
     assert len(namespace["paths"]) == 16
+
+
+def test_detection_and_segmentation_example_runs():
+    """Faster R-CNN and DeepLabV3 on CBAM backbones, and torchvision's own after cbam.insert: losses backpropagate
+    into the CBAM modules, detections and segmentation logits have their shapes."""
+    block = python_blocks()[3]
+    namespace: dict = {}
+    exec(compile("import torch, cbam\n" + block, "README detection", "exec"), namespace)
+    torch = namespace["torch"]
+    cbam = namespace["cbam"]
+    for model in (*namespace["detectors"], *namespace["segmenters"]):
+        modules = [m for m in model.modules() if isinstance(m, cbam.CBAM)]
+        assert len(modules) == 16
+        assert all(m.channel.fc2.weight.grad is not None and m.channel.fc2.weight.grad.abs().sum() > 0
+                   for m in modules)
+    assert namespace["boxes"].shape[1:] == (4,)
+    assert torch.isfinite(namespace["images"]).all()

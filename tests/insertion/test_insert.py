@@ -265,7 +265,12 @@ def test_load_base_weights_reports_only_the_new_keys_and_keeps_identity(images: 
     paths = cbam.insert(fresh)
     missing = cbam.load_base_weights(fresh, source.state_dict())
     assert missing and all(any(k.startswith(p + ".") for p in paths) for k in missing)
-    assert len(missing) == len(paths) * len(cbam.CBAM(64).state_dict())
+    assert len(missing) == len(paths) * (len(cbam.CBAM(64).state_dict()) - 1)  # BatchNorm fills num_batches_tracked
+    # the documented one-liner: strict=False reports exactly these keys and nothing unexpected
+    other = torchvision.models.resnet50(num_classes=10)
+    cbam.insert(other)
+    result = other.load_state_dict(source.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == missing and result.unexpected_keys == []
     with torch.no_grad():
         assert (fresh.eval()(images) - expected).abs().max() < 1e-5
     # the package's own network built with CBAM takes torchvision's weights the same way

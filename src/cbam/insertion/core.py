@@ -279,10 +279,11 @@ def load_base_weights(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, init: str = "identity"
 ) -> list[str]:
     """Load the weights of the network without attention (torchvision's, timm's, your own) into ``model`` after
-    :func:`insert` (or into a package network built with attention); returns the keys it did not find, which are
-    exactly the attention modules' keys. The attention modules are then initialised as ``init`` says, so with
-    ``"identity"`` the model computes what the original network computes. Anything else missing, any unexpected key
-    or a shape that does not fit raises a ValueError naming the first ones, before anything is loaded."""
+    :func:`insert` (or into a package network built with attention); returns the keys it did not find, exactly the
+    attention modules' keys (as ``load_state_dict(strict=False)`` reports them). The attention modules are then
+    initialised as ``init`` says, so with ``"identity"`` the model computes what the original network computes.
+    Anything else missing, any unexpected key or a shape that does not fit raises a ValueError naming the first ones,
+    before anything is loaded."""
     if init not in INITS:
         raise ValueError(f"load_base_weights: init must be one of {', '.join(INITS)}, got {init!r}")
     if not isinstance(state_dict, Mapping):
@@ -294,7 +295,8 @@ def load_base_weights(
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    other_missing = [k for k in missing if k not in attention_keys]
+    # a BatchNorm fills in a missing ``num_batches_tracked`` itself (older checkpoints lack it), as load_state_dict does
+    other_missing = [k for k in missing if k not in attention_keys and not k.endswith(".num_batches_tracked")]
     if other_missing or unexpected:
         parts = []
         if other_missing:
@@ -306,7 +308,7 @@ def load_base_weights(
     if wrong:
         key, got, want = wrong[0]
         raise ValueError(f"load_base_weights: {key} has shape {list(got)}, the model expects {list(want)}")
-    model.load_state_dict(dict(state_dict), strict=False)
+    result = model.load_state_dict(dict(state_dict), strict=False)
     for site in sites:
         _initialise(site, site.occupant, init)
-    return missing
+    return sorted(result.missing_keys)
