@@ -194,3 +194,19 @@ def test_help_names_every_flag(capsys):
     for flag in ("--model", "--attention", "--preset", "--reduction", "--kernel-size", "--pool-types", "--arrangement"):
         assert flag in text
     assert "ultralytics" in text
+
+
+def test_recorded_options_the_tensors_do_not_show_must_match_the_model(tmp_path, capsys):
+    """A file converted for pool_types=('max',) loads only into a model built with them: another model would take
+    the weights and compute another function."""
+    model = randomise_(cbam.models.create_model("resnet18", attention="cbam", num_classes=4, pool_types=("max",)))
+    save_weights(tmp_path / "a.safetensors", model, {"model": "resnet18", "attention": "cbam"})
+    code, out, _ = convert(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--pool-types", "max")
+    assert code == 0
+    with pytest.raises(ValueError, match=r"made for pool_types=\('max',\), the model has pool_types=\('avg', 'max'\)"):
+        cbam.create_model("resnet18", attention="cbam", num_classes=4, checkpoint=tmp_path / "b.safetensors")
+    loaded = cbam.create_model("resnet18", attention="cbam", num_classes=4, pool_types=("max",),
+                               checkpoint=tmp_path / "b.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))

@@ -12,10 +12,10 @@ import torchvision
 from torch import nn
 
 import cbam
-from cbam.insertion import attention_sites, supported_blocks
+from cbam.insertion import attention_sites, block_stages, supported_blocks
 from cbam.models import create_model
 
-# (builder, number of blocks that get attention, expected stage count with the blocks' output strides)
+# builder -> (blocks that get attention, stages as stages= counts them: containers, or resolutions when flat)
 TORCHVISION = {
     "resnet18": (8, 4),
     "resnet50": (16, 4),
@@ -23,7 +23,7 @@ TORCHVISION = {
     "wide_resnet50_2": (16, 4),
     "mobilenet_v2": (17, 5),
     "mobilenet_v3_small": (11, 4),
-    "efficientnet_b0": (16, 5),
+    "efficientnet_b0": (16, 7),
     "regnet_y_400mf": (16, 4),
     "convnext_tiny": (18, 4),
 }
@@ -76,9 +76,26 @@ def test_torchvision_identity_params_and_refusal(name: str, attention: str, imag
     with torch.no_grad():
         out = model(images)
     assert out.shape == expected.shape
-    assert (out - expected).abs().max().item() < 1e-5
+    assert torch.equal(out, expected)  # exact: powers of two (the issue asks for < 1e-5)
     with pytest.raises(ValueError, match=r"already holds .* insert into a network once"):
         cbam.insert(model, attention)
+    assert max(block_stages(model).values()) == TORCHVISION[name][1]
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION))
+def test_identity_is_bit_exact_in_train_mode_too(name: str, images: torch.Tensor) -> None:
+    """Batch statistics do not depend on the affine step, and the random draws (dropout, stochastic depth) come in the
+    same order, so with the same seed the training-mode outputs are equal too."""
+    torch.manual_seed(0)
+    model = _randomise(getattr(torchvision.models, name)(num_classes=10))
+    twin = copy.deepcopy(model)
+    cbam.insert(model)
+    model.train()
+    twin.train()
+    torch.manual_seed(1)
+    out = model(images)
+    torch.manual_seed(1)
+    assert torch.equal(out, twin(images))
 
 
 def test_identity_is_exact_and_the_attention_still_learns(images: torch.Tensor) -> None:
@@ -130,19 +147,27 @@ def test_timm_resnet_fills_its_se_slot(images: torch.Tensor) -> None:
     model = _randomise(timm.create_model("resnet26", num_classes=10))
     with torch.no_grad():
         expected = model(images)
+    params = _count(model)
     paths = cbam.insert(model, reduction=8)
     assert paths[:2] == ["layer1.0.se", "layer1.1.se"] and len(paths) == 8
     assert model.layer1[0].se.channel.hidden == 256 // 8
+    assert _count(model) - params == sum(_count(model.get_submodule(p)) for p in paths)
     with torch.no_grad():
-        assert (model(images) - expected).abs().max() < 1e-5
+        assert torch.equal(model(images), expected)
+    other = timm.create_model("resnet26", num_classes=10)
+    assert cbam.insert(other, stages=[4]) == ["layer4.0.se", "layer4.1.se"]
     built = timm.create_model("resnet26", num_classes=10, block_args=dict(attn_layer="se"))
     with pytest.raises(ValueError, match=r"layer1\.0\.se already holds SEModule"):
         cbam.insert(built)
 
 
-def test_package_network_without_attention_gets_the_same_keys_as_one_built_with_it() -> None:
-    plain = create_model("resnet18", num_classes=10)
+def test_package_network_without_attention_gets_the_same_keys_as_one_built_with_it(images: torch.Tensor) -> None:
+    plain = _randomise(create_model("resnet18", num_classes=10))
+    with torch.no_grad():
+        expected = plain(images)
     paths = cbam.insert(plain)
+    with torch.no_grad():
+        assert torch.equal(plain(images), expected)
     built = create_model("resnet18", attention="cbam", num_classes=10)
     assert set(plain.state_dict()) == set(built.state_dict())
     assert paths == [p for p, m in built.named_modules() if isinstance(m, cbam.CBAM)]
@@ -150,10 +175,15 @@ def test_package_network_without_attention_gets_the_same_keys_as_one_built_with_
         cbam.insert(built)
 
 
-def test_mobilenet_v1_of_the_package_gets_both_sites_per_block() -> None:
-    plain = create_model("mobilenet_v1", num_classes=10)
+def test_mobilenet_v1_of_the_package_gets_both_sites_per_block(images: torch.Tensor) -> None:
+    plain = _randomise(create_model("mobilenet_v1", num_classes=10))
+    with torch.no_grad():
+        expected = plain(images)
     paths = cbam.insert(plain)
     assert len(paths) == 1 + 2 * 13  # the stem and both convolutions of each of the 13 blocks, as the paper's counts
+    with torch.no_grad():
+        assert torch.equal(plain(images), expected)
+    assert sorted(set(block_stages(plain).values())) == [1, 2, 3, 4, 5]  # strides 2 (the stem and block 0) to 32
 
 
 def test_stages_by_number_and_by_switches(images: torch.Tensor) -> None:
@@ -171,6 +201,17 @@ def test_stages_by_number_and_by_switches(images: torch.Tensor) -> None:
     for bad in ([], [0], ["layer3"], [1.5]):
         with pytest.raises(ValueError, match="stages must be stage numbers from 1"):
             cbam.insert(torchvision.models.resnet18(), stages=bad)
+    with pytest.raises(TypeError, match="stages must be a sequence of stage numbers or of True/False, got 3"):
+        cbam.insert(torchvision.models.resnet18(), stages=3)
+    with pytest.raises(ValueError, match=r"stages=\(False, False, False, False\) selects no stage"):
+        cbam.insert(torchvision.models.resnet18(), stages=(False,) * 4)
+
+
+def test_stages_of_a_dilated_backbone_are_its_layers() -> None:
+    """FCN / DeepLab keep layer2-layer4 at stride 8 (dilation): stages are the containers, not the resolutions."""
+    segmenter = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3)
+    paths = cbam.insert(segmenter.backbone, stages=(3, 4))
+    assert len(paths) == 6 + 3 and all(p.startswith(("layer3.", "layer4.")) for p in paths)
 
 
 def test_efficientnet_v2_identity_refused_where_an_activation_precedes_the_slot() -> None:
@@ -181,7 +222,13 @@ def test_efficientnet_v2_identity_refused_where_an_activation_precedes_the_slot(
     assert not any(isinstance(m, cbam.CBAM) for m in model.modules())  # nothing changed
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     other = copy.deepcopy(model)
-    assert len(cbam.insert(model, stages=range(2, 6))) == 38  # the first stage left out: identity elsewhere
+    _randomise(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert len(cbam.insert(model, stages=range(2, 7))) == 38  # the first stage left out: identity elsewhere
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
     assert len(cbam.insert(other, init="paper")) == 40
 
 
@@ -294,6 +341,10 @@ def test_load_base_weights_refuses_what_does_not_fit() -> None:
                                        "extra.weight": torch.zeros(1)})
     with pytest.raises(TypeError, match="expected a state dict"):
         cbam.load_base_weights(model, [1, 2])
+    with pytest.raises(TypeError, match="expected tensors, fc.bias is list"):
+        cbam.load_base_weights(model, {**torchvision.models.resnet18(num_classes=10).state_dict(), "fc.bias": [0.0]})
+    with pytest.raises(ValueError, match=r"already hold attention weights \(layer1.0.attn.channel.fc1.bias, ...\)"):
+        cbam.load_base_weights(model, model.state_dict())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from ..insertion import attention_sites, load_base_weights
+from ..layers import CBAM
 from ..models import create_model, is_model
 from ..models._registry import model_kwarg_names
 from ..train.checkpoint import save_weights
@@ -141,10 +142,38 @@ def load_into(model: nn.Module, path: str | Path) -> str:
     ckpt = read_checkpoint(path)
     try:
         state, layout = convert_state_dict(ckpt.state, model)
+        _check_recorded_options(ckpt.metadata, model)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"checkpoint {path}: {exc}") from None
     model.load_state_dict(state, strict=True)
     return _format_name(ckpt, layout)
+
+
+# CBAM options that do not show in the tensors: a file that records them must meet a model built with them
+_UNSEEN_OPTIONS = {
+    "pool_types": lambda m: tuple(m.channel.pool_types),
+    "arrangement": lambda m: m.arrangement,
+    "spatial_compress": lambda m: None if m.spatial is None else m.spatial.compress_mode,
+}
+
+
+def _check_recorded_options(metadata: Mapping[str, str], model: nn.Module) -> None:
+    """Refuse a model built with other unseen CBAM options than those the file records (``cbam convert`` writes
+    them): the weights would load and compute another function."""
+    if "module_kwargs" not in metadata:
+        return
+    recorded = _json(metadata, "module_kwargs")
+    module = next((m for m in model.modules() if isinstance(m, CBAM)), None)
+    if module is None:
+        return
+    for key, read in _UNSEEN_OPTIONS.items():
+        if key not in recorded:
+            continue
+        want = tuple(recorded[key]) if isinstance(recorded[key], list) else recorded[key]
+        have = read(module)
+        if have != want:
+            raise ValueError(f"the weights were made for {key}={want!r}, the model has {key}={have!r}; build it "
+                             f"with {key}={want!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 from ..layers import CBAM, SE, attention_name, get_attn
 from ..models.blocks import BlockSpec, Placement, block_spec, registered_blocks
 
-__all__ = ["INITS", "Site", "attention_sites", "identity_gate_", "insert", "load_base_weights"]
+__all__ = ["INITS", "Site", "attention_sites", "block_stages", "identity_gate_", "insert", "load_base_weights"]
 
 INITS = ("identity", "paper")
 
@@ -153,15 +153,39 @@ def _initialise(site: Site, module: nn.Module, init: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------------------------------
+def block_stages(model: nn.Module) -> dict[str, int]:
+    """Block path -> stage number (from 1) of every block :func:`insert` knows in ``model``, as ``stages=`` counts.
+
+    Where the blocks sit in two or more containers, a stage is a container, in order (a ResNet's ``layer1`` to
+    ``layer4``, also when dilation keeps the later ones at one resolution; EfficientNet's ``features.1`` to
+    ``features.7``; RegNet's ``block1`` to ``block4``; ConvNeXt's four stages). Where they all sit in one container
+    (MobileNetV2 and V3), a stage is a resolution: the blocks' output strides, ranked, found by one forward pass of a
+    128 x 128 zero image in eval mode without gradients."""
+    return _stage_numbers(model, attention_sites(model))
+
+
+def _parent(path: str) -> str | None:
+    return path.rsplit(".", 1)[0] if "." in path else ("" if path else None)
+
+
 def _stage_numbers(model: nn.Module, sites: list[Site], probe_size: int = 128) -> dict[str, int]:
-    """Block path -> stage, 1-based: the blocks' output strides, ranked (ResNet: layer1..layer4 are 1..4)."""
+    """Block path -> stage, 1-based (see :func:`block_stages`)."""
+    parents = list(dict.fromkeys(_parent(s.path) for s in sites if s.path))
+    if len(parents) > 1:
+        order = {parent: i + 1 for i, parent in enumerate(parents)}
+        return {s.path: order.get(_parent(s.path), 1) for s in sites}
+    return _stages_by_resolution(model, sites, probe_size)
+
+
+def _stages_by_resolution(model: nn.Module, sites: list[Site], probe_size: int) -> dict[str, int]:
+    """Block path -> the rank of the block's output stride among all the blocks' (1 = the finest)."""
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None:
         raise ValueError(f"insert: stages= needs a convolutional network, {type(model).__name__} has no Conv2d")
     strides: dict[str, float] = {}
     handles = []
     for site in sites:
-        if site.path in strides:
+        if site.path in strides or not site.path:  # the network itself (MobileNetV1's stem): stage 1, below
             continue
         strides[site.path] = 0.0
 
@@ -186,13 +210,19 @@ def _stage_numbers(model: nn.Module, sites: list[Site], probe_size: int = 128) -
         for handle in handles:
             handle.remove()
     ranks = {s: i + 1 for i, s in enumerate(sorted(set(strides.values())))}
-    return {path: ranks[stride] for path, stride in strides.items()}
+    root = {"": 1} if any(not site.path for site in sites) else {}
+    return {**root, **{path: ranks[stride] for path, stride in strides.items()}}
 
 
 def _stage_filter(stages: Sequence[int] | Sequence[bool]) -> list[int]:
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, (Sequence, range)):
+        raise TypeError(f"insert: stages must be a sequence of stage numbers or of True/False, got {stages!r}")
     values = list(stages)
     if values and all(isinstance(v, bool) for v in values):  # MMDetection's per-stage switches
-        return [i + 1 for i, v in enumerate(values) if v]
+        chosen = [i + 1 for i, v in enumerate(values) if v]
+        if not chosen:
+            raise ValueError(f"insert: stages={tuple(values)} selects no stage")
+        return chosen
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
         raise ValueError(f"insert: stages must be stage numbers from 1 (or one True/False per stage), got {stages!r}")
     return values
@@ -292,6 +322,16 @@ def load_base_weights(
     attention_keys = {
         f"{s.slot_path}.{k}" for s in sites for k in s.occupant.state_dict()
     }
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        key = not_tensors[0]
+        raise TypeError(f"load_base_weights: expected tensors, {key} is {type(state_dict[key]).__name__}")
+    given_attention = sorted(k for k in state_dict if k in attention_keys)
+    if given_attention:
+        raise ValueError(
+            f"load_base_weights: the weights already hold attention weights ({given_attention[0]}, ...), so they are "
+            "not the network without attention; load them with model.load_state_dict"
+        )
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
