@@ -1,25 +1,36 @@
-"""An inserted torchvision ResNet fuses through the same block registry: ``cbam.fuse`` finds torchvision's blocks
-after ``cbam.insert`` and computes what the unfused network computes (float64, outputs, gradients, statistics)."""
+"""Inserted torchvision and timm ResNets fuse through the same block registry: ``cbam.fuse`` finds their blocks after
+``cbam.insert`` and computes what the unfused network computes (float64, outputs, gradients, statistics)."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import timm
 import torch
 import torchvision
 
 import cbam
-from cbam.fused.blocks import FusedTorchvisionBasicBlock, FusedTorchvisionBottleneck
+from cbam.fused.blocks import (
+    FusedTimmBasicBlock,
+    FusedTimmBottleneck,
+    FusedTorchvisionBasicBlock,
+    FusedTorchvisionBottleneck,
+)
 
 pytestmark = pytest.mark.usefixtures("native")
 
 
 @pytest.mark.parametrize(("name", "fused_type"), [("resnet18", FusedTorchvisionBasicBlock),
-                                                  ("resnet50", FusedTorchvisionBottleneck)])
-def test_inserted_torchvision_resnet_fuses(name: str, fused_type: type) -> None:
+                                                  ("resnet50", FusedTorchvisionBottleneck),
+                                                  ("timm/resnet18", FusedTimmBasicBlock),
+                                                  ("timm/resnet26", FusedTimmBottleneck)])
+def test_inserted_resnet_fuses(name: str, fused_type: type) -> None:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(num_classes=10).double()
+    if name.startswith("timm/"):
+        model = timm.create_model(name.split("/")[1], num_classes=10).double()
+    else:
+        model = getattr(torchvision.models, name)(num_classes=10).double()
     paths = cbam.insert(model, init="paper")
     blocks = sorted({p.rsplit(".", 1)[0] for p in paths})
     plain = copy.deepcopy(model)
@@ -42,4 +53,4 @@ def test_inserted_torchvision_resnet_fuses(name: str, fused_type: type) -> None:
     for (k, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-12, msg=k)
     assert sorted(cbam.unfuse(model)) == blocks
-    assert type(model.get_submodule(blocks[0])).__name__.startswith("Attended")
+    assert type(model.get_submodule(blocks[0])) is fused_type.fused_from

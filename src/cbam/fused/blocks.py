@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..insertion import timm as timm_blocks
 from ..insertion.torchvision import AttendedBasicBlock, AttendedBottleneck
 from ..layers.cbam import CBAM
 from ..models.blocks import registered_blocks, set_fused_type
@@ -303,3 +304,49 @@ class FusedTorchvisionBasicBlock(BasicTail, AttendedBasicBlock):
 @register_fusion(AttendedBottleneck)
 class FusedTorchvisionBottleneck(BottleneckTail, AttendedBottleneck):
     """torchvision's Bottleneck with inserted CBAM, its tail in the kernels."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# timm's ResNet blocks after cbam.insert (their own ``se`` slot holds the CBAM), when timm is installed
+# ----------------------------------------------------------------------------------------------------------------------
+class TimmTail(FusedBlock):
+    """timm's blocks run fused where their tail is ``relu(se(bn(.)) + shortcut)``: no drop path, a ReLU at the end."""
+
+    attention_slots = ("se",)
+
+    def plain(self) -> bool:
+        return self.observed() or self.drop_path is not None or type(self.final_act) is not nn.ReLU
+
+
+if timm_blocks.AVAILABLE:
+
+    @register_fusion(timm_blocks.BasicBlock)
+    class FusedTimmBasicBlock(TimmTail, timm_blocks.BasicBlock):
+        """timm's BasicBlock with CBAM in ``se``, its tail in the kernels."""
+
+        @property
+        def final_act(self) -> nn.Module:
+            return self.act2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.plain():
+                return self.fused_from.forward(self, x)
+            shortcut, shortcut_norm = split_shortcut(self.downsample, x)
+            out = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            return self.residual_tail(self.bn2, self.se, self.conv2(out), shortcut, shortcut_norm)
+
+    @register_fusion(timm_blocks.Bottleneck)
+    class FusedTimmBottleneck(TimmTail, timm_blocks.Bottleneck):
+        """timm's Bottleneck with CBAM in ``se``, its tail in the kernels."""
+
+        @property
+        def final_act(self) -> nn.Module:
+            return self.act3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.plain():
+                return self.fused_from.forward(self, x)
+            shortcut, shortcut_norm = split_shortcut(self.downsample, x)
+            out = self.act1(self.bn1(self.conv1(x)))
+            out = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(out)))))
+            return self.residual_tail(self.bn3, self.se, self.conv3(out), shortcut, shortcut_norm)
