@@ -5,6 +5,7 @@ from .fused import fuse, unfuse
 from .insertion import Placement, insert, load_base_weights, register_placement
 from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
 from .models import list_models, register_model
+from .viz import record
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "Placement",
     "register_placement",
     "list_models",
+    "record",
     "register_model",
     "unfuse",
 ]
