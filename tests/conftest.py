@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from hypothesis import settings
 
 
@@ -38,6 +39,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("compiler") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("single_thread")``): the test
+    machine's two cores are shared, and small convolutions only spin on more (see tests/fused/conftest.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # Under CI the fuzz tests draw the same examples every run (a fresh draw is for developers' runs), so that CI's verdict

@@ -22,13 +22,7 @@ from cbam.models.detection import FPNBackbone, SegmentationBackbone
 DOC = Path(__file__).resolve().parents[2] / "docs" / "detection-segmentation.md"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: the test machine's two cores are shared, and small convolutions only spin on more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 def python_blocks() -> list[str]:

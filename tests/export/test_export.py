@@ -26,13 +26,7 @@ TOLERANCE = 1e-4
 ADAPTIVE_OR_GLOBAL = ("GlobalAveragePool", "GlobalMaxPool", "AveragePool", "GlobalLpPool", "LpPool", "MaxRoiPool")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: the test machine's cores are shared with other processes (see tests/fused/conftest.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from cbam.train.checkpoint import save_weights
 ARGS = ["--model", "resnet18", "--attention", "cbam", "--num-classes", "10", "--image-size", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

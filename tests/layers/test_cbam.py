@@ -383,3 +383,13 @@ def test_register_kernel_checks_its_arguments(monkeypatch):
         dispatch.register_kernel("", lambda m, x: None)
     with pytest.raises(TypeError, match="expected a callable"):
         dispatch.register_kernel("cpu", None)
+
+
+def test_reset_parameters_without_an_argument_follows_the_preset():
+    """``reset_parameters()`` re-initialises as the module's preset does (timm: spatial BN weight 1; paper: 0)."""
+    timm_like = CBAM(64, preset="timm")
+    timm_like.reset_parameters()
+    assert torch.equal(timm_like.spatial.norm.weight, torch.ones(1))
+    paper = CBAM(64)
+    paper.reset_parameters()
+    assert torch.equal(paper.spatial.norm.weight, torch.zeros(1))

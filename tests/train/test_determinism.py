@@ -33,12 +33,7 @@ from cbam.train.determinism import (
 SLOW = {"resnet101", "resnet101_cifar", "resnet152", "resnext101_32x4d"}  # about 1 s each, 10 s on a busy machine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 def _aten(name: str):

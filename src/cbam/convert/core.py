@@ -169,8 +169,7 @@ def _check_recorded_options(metadata: Mapping[str, str], model: nn.Module) -> No
     for key, read in _UNSEEN_OPTIONS.items():
         if key not in recorded:
             continue
-        want = tuple(recorded[key]) if isinstance(recorded[key], list) else recorded[key]
-        have = read(module)
+        want, have = recorded[key], read(module)  # _json already made pool_types a tuple
         if have != want:
             raise ValueError(f"the weights were made for {key}={want!r}, the model has {key}={have!r}; build it "
                              f"with {key}={want!r}")

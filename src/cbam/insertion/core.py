@@ -142,10 +142,15 @@ def _scale_(target: nn.Module | nn.Parameter | None, factor: float, where: str) 
         bias.mul_(factor)
 
 
+def _where(site: Site) -> str:
+    return site.path or type(site.block).__name__
+
+
 def _initialise(site: Site, module: nn.Module, init: str) -> None:
+    """Re-initialise a module already in its slot (after the base weights were loaded around it)."""
     if init == "identity":
         scale = identity_gate_(module)
-        _scale_(site.placement.norm_of(site.block), 1.0 / scale, site.path or type(site.block).__name__)
+        _scale_(site.placement.norm_of(site.block), 1.0 / scale, _where(site))
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
 
@@ -287,13 +292,15 @@ def insert(
         reference = next(site.block.parameters(), None)
         if reference is not None:
             module = module.to(device=reference.device, dtype=reference.dtype)
+        scale = None  # init="paper": a new module already starts as its class (and preset) initialises it
         if init == "identity":
-            identity_gate_(module)  # raises before anything is changed for modules that cannot
-            _check_scalable(site.placement.norm_of(site.block), site.path or type(site.block).__name__)
-        built.append(module)
+            scale = identity_gate_(module)  # only the new module changes; raises for modules that cannot
+            _check_scalable(site.placement.norm_of(site.block), _where(site))
+        built.append((module, scale))
     paths = []
-    for site, module in zip(sites, built, strict=True):
-        _initialise(site, module, init)
+    for site, (module, scale) in zip(sites, built, strict=True):
+        if scale is not None:
+            _scale_(site.placement.norm_of(site.block), 1.0 / scale, _where(site))
         module.train(site.block.training)
         setattr(site.block, site.placement.slot, module)
         if site.spec.attended is not None and type(site.block) is site.spec.block_type:

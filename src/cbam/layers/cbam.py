@@ -305,13 +305,15 @@ class CBAM(nn.Module):
         self.reset_parameters(p.init)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "release") -> None:
-        """Initialise as the chosen implementation does.
+    def reset_parameters(self, init: str | None = None) -> None:
+        """Initialise as the chosen implementation does (None: as the module's preset does).
 
         ``release``: spatial conv kaiming-normal (fan_out), MLP weights PyTorch's default, every bias 0,
         spatial BN weight and bias 0 (gate starts at 0.5). ``seed``: Glorot-uniform weights and zero biases
         (TensorFlow's defaults). ``torch``: PyTorch's defaults (what timm's module gets).
         """
+        if init is None:
+            init = PRESETS[self.preset].init
         modules = [m for m in (self.channel.fc1, self.channel.fc2) if m is not None]
         if self.spatial is not None:
             modules += [self.spatial.conv] + ([self.spatial.compress] if self.spatial.compress_mode == "conv" else [])
