@@ -2,7 +2,7 @@
 
 from .factory import create_model
 from .fused import fuse, unfuse
-from .insertion import Placement, insert, load_base_weights, register_placement
+from .insertion import Placement, init_attention, insert, load_base_weights, register_placement
 from .layers import BAM, CBAM, SE, ChannelGate, SpatialGate, create_attn, get_attn
 from .models import list_models, register_model
 from .viz import record
@@ -19,6 +19,7 @@ __all__ = [
     "create_model",
     "fuse",
     "get_attn",
+    "init_attention",
     "insert",
     "load_base_weights",
     "Placement",

@@ -108,7 +108,7 @@ COMPARE_FLAGS: dict[str, list[str]] = {
     "--output": PATHS,
     "--format": ["table", "json", "markdown", "csv", "html"],
 }
-DEMO_FLAGS = {**COMPARE_FLAGS, "--epochs": ["1", *BAD_NUMBERS], "--seed": ["0", "1", *BAD_NUMBERS]}
+DEMO_FLAGS = {**COMPARE_FLAGS, "--epochs": ["1", *BAD_NUMBERS], "--seeds": ["0", "1", "-1", "a", ""]}
 ABLATE_FLAGS = {**COMPARE_FLAGS, "--budget": ["1", *BAD_NUMBERS], "--seeds": ["0", "0,1", "-1", "a", ""],
                 "--tables": ["3", "9", "", "3,9"]}
 PROFILE_FLAGS: dict[str, list[str]] = {
@@ -166,7 +166,7 @@ def cases(draw, command: str) -> tuple[str, list[str], dict | None]:
         tiny = {**TINY_YAML, **{k: v for k, v in (fuzz_yaml or {}).items() if k not in SIZE_KEYS}}
         flags = DEMO_FLAGS if command == "demo" else ABLATE_FLAGS
         guard = ["--config", "{d}/fuzz.yaml", "--no-progress", "--output", "{d}/out"]
-        guard += ["--budget", "1", "--tables", "3"] if command == "ablate" else []
+        guard += ["--budget", "1", "--tables", "3"] if command == "ablate" else ["--seeds", "0", "--pictures", "0"]
         return command, [*guard, *draw(_flags(flags, 4))], tiny
     if command == "profile":
         model = draw(st.sampled_from(PROFILE_MODELS + ["--list"]))

@@ -268,10 +268,15 @@ def test_demo_and_ablate_print_tables(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text("model: cifar_resnet20\ndataset: synthetic\nimage_size: 32\n"
                                         "synthetic_train_size: 32\nsynthetic_val_size: 16\nepochs: 1\n"
                                         "lr: 0.05\nschedule: cosine\ntensorboard: false\n")
-    assert main(["demo", *sizes, *small, "--output", str(tmp_path / "demo")]) == 0
+    assert main(["demo", *sizes, *small, "--seeds", "0", "--pictures", "0", "--output", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "cifar_resnet20 + CBAM" in out and "images/s" in out and "GMACs" in out
-    assert (tmp_path / "demo" / "plain" / "summary.json").exists() and (tmp_path / "demo" / "results.md").exists()
+    assert "cifar_resnet20 + CBAM" in out and "cifar_resnet20 + SE" in out and "GMACs" in out
+    assert "1 seed(s) per network" in out and "chance is 90.0 % top-1 error" in out
+    assert "not judged: one seed measures no spread" in out
+    assert "train images/s: measured side by side" in out
+    for name in ("plain", "se", "cbam"):
+        assert (tmp_path / "demo" / name / "summary.json").exists()
+    assert (tmp_path / "demo" / "results.md").exists()
 
     assert main(["ablate", *sizes, *small, "--budget", "1", "--tables", "3", "--seeds", "0,1",
                  "--output", str(tmp_path / "ablate")]) == 0

@@ -89,7 +89,7 @@ SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM
 
 # command -> (its flags, the first run's folder, the run interrupted, the folders of the runs after it)
 COMMANDS = {
-    "demo": (["--epochs", "8"], "plain", "cbam", []),
+    "demo": (["--epochs", "8", "--seeds", "0", "--pictures", "0"], "plain", "se", ["cbam"]),
     "ablate": (["--budget", "8", "--tables", "3", "--seeds", "0"], "se", "cbam", ["spatial_first", "parallel"]),
 }
 

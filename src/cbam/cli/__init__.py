@@ -1,4 +1,5 @@
-"""The ``cbam`` command line: one subcommand per job (profile, train, eval, demo, ablate, bench, convert, export).
+"""The ``cbam`` command line: one subcommand per job (profile, train, eval, demo, ablate, bench, convert, export,
+visualize).
 
 This package is the only place that parses arguments: the library (``cbam.train``, ``cbam.bench``,
 ``cbam.models``, ``cbam.profile``) takes plain Python values and raises ``ValueError`` / ``TypeError`` on bad
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..train.signals import Interrupted
-from . import bench, compare, convert, export, profile, train
+from . import bench, compare, convert, export, profile, train, visualize
 from .runtime import TUNED_MALLOC_COMMANDS, reexec_with_tuned_malloc, stopped
 
 __all__ = ["COMMANDS", "Command", "Parser", "build_parser", "main"]
@@ -46,6 +47,8 @@ COMMANDS: dict[str, Command] = {
                        "a checkpoint from this package, the authors' release, timm or torchvision into safetensors"),
     "export": Command(export.add_arguments, export.run,
                       "a network with its checkpoint to ONNX, TorchScript or a torch.export program"),
+    "visualize": Command(visualize.add_arguments, visualize.run,
+                         "pictures of what a trained CBAM network attends to (gates, Grad-CAM); --score against boxes"),
 }
 
 

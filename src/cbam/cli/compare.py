@@ -11,9 +11,9 @@ import dataclasses
 from pathlib import Path
 
 from ..report import FORMATS
-from ..train.compare import TABLES, VARIANTS, ablate, demo
+from ..train.compare import DEMO_VARIANTS, TABLES, VARIANTS, ablate, demo
 from ..train.config import TrainConfig, check_output_path, resolve
-from ..train.data import DATASETS
+from ..train.data import DATASETS, GENERATED
 from .options import at_least, int_list
 
 
@@ -38,14 +38,14 @@ def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
     parser.add_argument("--config", default=None, help="recipe name or YAML file (default: demo)")
     parser.add_argument("--model", default=None, help="registered network (default: the recipe's, cifar_resnet20)")
     parser.add_argument("--dataset", choices=DATASETS, default=None,
-                        help="data set (default: the recipe's, synthetic)")
+                        help="data set (default: the recipe's)")
     parser.add_argument("--data-dir", default=None,
-                        help="folder holding the data set (default: none; needed for all but synthetic)")
+                        help="folder holding the data set (default: none; needed for all but the generated ones)")
     parser.add_argument("--batch-size", type=at_least(1), default=None,
                         help="images per optimizer step (default: the recipe's, 64)")
     parser.add_argument("--lr", type=float, default=None, help="initial SGD learning rate (default: the recipe's)")
     parser.add_argument("--workers", type=at_least(0), default=None,
-                        help="data-loader worker processes (default: 0 for synthetic data, else up to 8)")
+                        help="data-loader worker processes (default: 0 for generated data, else up to 8)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                         help="cbam.fuse on the CPU; --no-fuse keeps the plain blocks (default: on)")
@@ -58,22 +58,53 @@ def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
 
 # ------------------------------------------------------------------------------------------ demo
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The common options plus epochs and seed."""
+    """The common options plus epochs, seeds and the pictures."""
     _add_common(parser, "runs/demo")
     parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="training epochs per network (default: the recipe's, 3)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed of both runs (default: 0)")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1],
+                        help="comma-separated seeds, one run per network and seed; two or more measure the "
+                             "seed-to-seed spread (default: 0,1)")
+    parser.add_argument("--pictures", type=at_least(0), default=8,
+                        help="test images drawn with cbam visualize after training, 0 for none (default: %(default)s)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Train plain and CBAM, print the comparison."""
+    """Train plain, SE and CBAM for every seed, print the comparison, draw what the first seed's CBAM attends to."""
     base = _base_config(args, "demo")
-    _check_runs(base, args.output, ["plain", "cbam"], [base.seed])
+    if any(seed < 0 for seed in args.seeds):
+        raise ValueError(f"--seeds must be integers >= 0, got {args.seeds}")
+    _check_runs(base, args.output, list(DEMO_VARIANTS), args.seeds)
     root = Path(args.output)
-    text = demo(base, root, args.format)
-    if text is not None:
-        print(f"\n{base.dataset}, {base.epochs} epochs each (runs in {root}/plain and {root}/cbam):\n{text}")
+    text = demo(base, root, args.format, seeds=args.seeds)
+    if text is None:
+        return 0
+    print(f"\n{text}\n(runs in {root}/<network>{'-seed<N>' if len(args.seeds) > 1 else ''}; "
+          f"tables in {root}/results.md and results.json)")
+    if args.pictures:
+        _pictures(base, root, args)
     return 0
+
+
+def _pictures(base: TrainConfig, root: Path, args: argparse.Namespace) -> None:
+    """``cbam visualize`` of the first seed's CBAM run against its plain run, with the score where boxes exist."""
+    try:
+        from ..viz import visualize
+    except ImportError as exc:  # pragma: no cover - viz imports its optional libraries lazily
+        print(f"pictures skipped ({exc})")
+        return
+    suffix = "" if len(args.seeds) == 1 else f"-seed{args.seeds[0]}"
+    boxes = base.dataset in GENERATED
+    try:
+        result = visualize(root / f"cbam{suffix}", compare=root / f"plain{suffix}", output=root / "pictures",
+                           num_images=args.pictures, score=boxes, progress=bool(base.progress))
+    except ValueError as exc:  # grad-cam not installed: the comparison stands, say how to get the pictures
+        print(f"pictures skipped: {exc}")
+        return
+    if result.get("table"):
+        print(f"\nWhere the attention falls ({result['table'].count(chr(10))} rows; see docs/visualize.md):\n"
+              f"{result['table']}")
+    print(f"pictures: {len(result['pictures'])} images and channel_gates.png in {root / 'pictures'}")
 
 
 # ------------------------------------------------------------------------------------------ ablate

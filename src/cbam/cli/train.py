@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ..insertion import INITS
 from ..layers import ARRANGEMENTS, PRESETS
 from ..train import distributed as D
 from ..train.config import TrainConfig, check_output_path, resolve
@@ -24,7 +25,7 @@ from .runtime import stopped
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ATTENTION_CHOICES, "dataset": DATASETS, "amp": ("bf16", "fp16"),
-    "schedule": ("step", "cosine", "constant"), "bad_images": BAD_IMAGE_POLICIES,
+    "schedule": ("step", "cosine", "constant"), "attention_init": INITS, "bad_images": BAD_IMAGE_POLICIES,
     "arrangement": ARRANGEMENTS, "preset": tuple(PRESETS), "spatial_compress": ("pool", "conv"),
 }
 
@@ -37,17 +38,22 @@ HELP: dict[str, str] = {
                                         "spatial_compress", "spatial", "widen", "width_mult", "stride_in_1x1",
                                         "in_chans")},
     "pool_types": MODEL_HELP["pool_types"],
+    "attention_init": "identity: the attention modules start as constant gates with the norm in front scaled to undo "
+                      "them, so the network starts as the plain one (trains well in short runs, docs/short-runs.md); "
+                      "paper: the modules' own initialisation (the paper's recipes)",
     # data
-    "dataset": "data set (synthetic needs no files)",
-    "data_dir": "folder holding the data set in torchvision's layout (default: none; needed for all but synthetic)",
+    "dataset": "data set (synthetic and cluttered-digits ship with the package: no files, no download)",
+    "data_dir": "folder holding the data set in torchvision's layout (default: none; needed for all but synthetic and "
+                "cluttered-digits)",
     "download": "fetch the data set into --data-dir (needs network access)",
     "image_size": "side of the training and validation crops, in pixels (default: the data set's)",
     "bad_images": "an unreadable image file: stop with its name, or skip it and list it",
-    "synthetic_train_size": "training images of the synthetic data set",
-    "synthetic_val_size": "validation images of the synthetic data set",
-    "synthetic_seed": "seed of the synthetic images (the data, not the training)",
+    "synthetic_train_size": "training images of the generated data sets (synthetic, cluttered-digits)",
+    "synthetic_val_size": "validation images of the generated data sets (synthetic, cluttered-digits)",
+    "synthetic_seed": "seed of the generated images (the data, not the training)",
     "synthetic_classes": "classes of the synthetic data set",
-    "workers": "data-loader worker processes (default: 0 for synthetic data, else up to 8)",
+    "clutter": "digit fragments scattered on each cluttered-digits canvas",
+    "workers": "data-loader worker processes (default: 0 for generated data, else up to 8)",
     # optimisation
     "epochs": "training epochs",
     "batch_size": "images per optimizer step, over all processes and accumulation steps",
@@ -56,10 +62,12 @@ HELP: dict[str, str] = {
     "momentum": "SGD momentum",
     "weight_decay": "SGD weight decay (L2 penalty coefficient)",
     "nesterov": "Nesterov momentum",
-    "schedule": "learning-rate schedule, stepped once per epoch",
+    "schedule": "learning-rate schedule, set at every optimizer step: cosine anneals to 0 at the run's end whatever "
+                "--epochs is; step multiplies by --gamma every --step-size epochs (the paper's ImageNet recipe)",
     "step_size": "epochs between two decays of the step schedule",
     "gamma": "factor applied to the learning rate at each decay of the step schedule",
-    "warmup_epochs": "epochs of linear warm-up from 0.1 x lr, before the schedule",
+    "warmup_epochs": "epochs (fractions allowed) of linear warm-up from 0.1 x lr, before the schedule "
+                     "(default: 5 %% of the run under cosine, none otherwise)",
     "label_smoothing": "label smoothing of the cross-entropy loss, between 0 and 1",
     "accum_steps": "micro-batches whose gradients are summed per optimizer step (gradient accumulation)",
     # numerics and speed

@@ -8,13 +8,23 @@ registry (:mod:`cbam.models.blocks`) is the one :func:`cbam.fuse` uses, so an in
 
 from ..models.blocks import Placement, register_placement, registered_blocks
 from . import timm, torchvision  # noqa: F401  (import registers the placements)
-from .core import INITS, attention_sites, block_stages, identity_gate_, insert, load_base_weights, supported_blocks
+from .core import (
+    INITS,
+    attention_sites,
+    block_stages,
+    identity_gate_,
+    init_attention,
+    insert,
+    load_base_weights,
+    supported_blocks,
+)
 
 __all__ = [
     "INITS",
     "Placement",
     "attention_sites",
     "block_stages",
+    "init_attention",
     "identity_gate_",
     "insert",
     "load_base_weights",

@@ -29,7 +29,8 @@ from torch import nn
 from ..layers import CBAM, SE, attention_name, get_attn
 from ..models.blocks import BlockSpec, Placement, block_spec, registered_blocks
 
-__all__ = ["INITS", "Site", "attention_sites", "block_stages", "identity_gate_", "insert", "load_base_weights"]
+__all__ = ["INITS", "Site", "attention_sites", "block_stages", "identity_gate_", "init_attention", "insert",
+           "load_base_weights"]
 
 INITS = ("identity", "paper")
 
@@ -112,7 +113,7 @@ def identity_gate_(module: nn.Module) -> float:
 
 
 def _gate_at_zero(gate: nn.Module) -> float:
-    value = float(gate(torch.zeros(1)).item())
+    value = float(gate(torch.zeros(1, device="cpu")).item())  # also while building under torch.device("meta")
     if not value > 0:
         raise ValueError(f"init='identity': the gate {type(gate).__name__} is {value} at 0, so it cannot be undone")
     return value
@@ -153,6 +154,26 @@ def _initialise(site: Site, module: nn.Module, init: str) -> None:
         _scale_(site.placement.norm_of(site.block), 1.0 / scale, _where(site))
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
+
+
+def init_attention(model: nn.Module, init: str = "identity") -> list[str]:
+    """(Re-)initialise every attention module that sits in a registered slot of ``model``; return their paths.
+
+    ``"identity"`` makes a network built with attention start as exactly the network without it (each gate a
+    constant, the norm in front scaled to undo it), so the residual branches start at the plain network's scale
+    instead of a quarter of it; training then learns where to attend. ``cbam train`` does this by default
+    (``attention_init``; see docs/short-runs.md for why). ``"paper"`` re-runs each module's own initialisation.
+    Modules outside registered slots (BAM between stages) are left as they are. Every site is checked before any
+    weight changes."""
+    if init not in INITS:
+        raise ValueError(f"init_attention: init must be one of {', '.join(INITS)}, got {init!r}")
+    sites = [s for s in attention_sites(model) if s.occupant is not None]
+    if init == "identity":
+        for site in sites:
+            _check_scalable(site.placement.norm_of(site.block), _where(site))
+    for site in sites:
+        _initialise(site, site.occupant, init)
+    return [site.slot_path for site in sites]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,13 @@ class CifarResNet(nn.Module):
 
 
 @register_model(model_cls=CifarResNet, input_size=32)
+def cifar_resnet8(*, attention: AttnArg = None, num_classes: int = 10, **kwargs: Any) -> CifarResNet:
+    """ResNet-8 for CIFAR (n = 1, one block per stage): 78K parameters; the smallest of He et al.'s family, for
+    the CPU demo."""
+    return CifarResNet(8, attention=attention, num_classes=num_classes, **kwargs)
+
+
+@register_model(model_cls=CifarResNet, input_size=32)
 def cifar_resnet20(*, attention: AttnArg = None, num_classes: int = 10, **kwargs: Any) -> CifarResNet:
     """ResNet-20 for CIFAR (n = 3): 0.27M parameters, 8.75% error on CIFAR-10 in He et al."""
     return CifarResNet(20, attention=attention, num_classes=num_classes, **kwargs)

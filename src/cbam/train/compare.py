@@ -1,8 +1,9 @@
 """Several trainings of one recipe, compared side by side (behind ``cbam demo`` and ``cbam ablate``).
 
-:func:`demo` trains a plain and a CBAM network on the synthetic data (the README's first command, through
-``make demo``). :func:`ablate` runs the configurations of the paper's Tables 1-3 (channel pooling, spatial
-compression and kernel size, arrangement) plus the plain and SE networks, and renders them in the paper's
+:func:`demo` trains the plain, SE and CBAM forms of one network over several seeds and says whether their
+differences are larger than the seed-to-seed spread (the README's first command, through ``make demo``).
+:func:`ablate` runs the configurations of the paper's Tables 1-3 (channel pooling, spatial compression and kernel
+size, arrangement) plus the plain and SE networks, and renders them in the paper's
 form, with mean +- standard deviation over seeds when several are given.
 """
 
@@ -12,10 +13,12 @@ import dataclasses
 import json
 import os
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..report import format_rows
@@ -176,26 +179,118 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     return format_rows(shown, fmt=fmt, digits={"params (M)": 3, "GMACs": 4, "images/s": 0})
 
 
-DEMO_DIGITS = {"top-1 err (%)": 2, "top-5 err (%)": 2, "params (M)": 3, "GMACs": 4, "images/s": 0, "train s": 0}
+DEMO_VARIANTS = ("plain", "se", "cbam")
+DEMO_NAMES = {"plain": "nothing", "se": "SE", "cbam": "CBAM"}
 
 
-def demo(base: TrainConfig, root: Path, fmt: str = "table") -> str | None:
-    """Train ``base`` plain and with CBAM into ``root``/plain and ``root``/cbam; write ``root``/results.md.
+def speed_side_by_side(base: TrainConfig, keys: list[str], *, rounds: int = 5, steps: int = 2) -> dict[str, float]:
+    """Training images per second of each variant's network, measured interleaved in this process.
 
-    Returns the comparison rendered in ``fmt``, or None in a process that is not rank 0 (it has no results).
+    One untrained copy of each network (fused as training fuses it) takes ``steps`` optimizer steps on random
+    images of the run's batch and size, variant after variant, ``rounds`` times; the median round counts. The rows
+    share the threads, the machine's load and the allocator's state, so their ratios are comparable (the training
+    runs' own images/s are not: they ran at different times).
     """
-    results = run_variants(base, ["plain", "cbam"], [base.seed], root)
+    from ..fused import fuse
+    from .engine import build_model, datasets_for, fuse_wanted
+
+    _, val_set, data = datasets_for(dataclasses.replace(base, synthetic_train_size=1, synthetic_val_size=1))
+    del val_set
+    models, optimizers = {}, {}
+    for key in keys:
+        cfg = dataclasses.replace(base, **VARIANTS[key][1])
+        torch.manual_seed(0)
+        model = build_model(cfg, data.num_classes, data.in_chans).train()
+        if fuse_wanted(cfg, torch.device("cpu")):
+            fuse(model, memory_efficient=cfg.memory_efficient)
+        models[key] = model
+        optimizers[key] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(base.batch_size, data.in_chans, data.image_size, data.image_size)
+    y = torch.randint(0, data.num_classes, (base.batch_size,))
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for r in range(rounds + 1):  # round 0 warms up (allocations, first-call costs) and is not counted
+        for key in keys:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(models[key](x), y)
+                loss.backward()
+                optimizers[key].step()
+                optimizers[key].zero_grad(set_to_none=True)
+            if r:
+                times[key].append(time.perf_counter() - t0)
+    return {key: steps * base.batch_size / statistics.median(t) for key, t in times.items()}
+
+
+def _verdict(diff: float, spread: float | None, n_seeds: int) -> str:
+    if spread is None:
+        return "not judged: one seed measures no spread (run with --seeds 0,1,...)"
+    if spread == 0.0:
+        return "not judged: the seeds gave identical errors"
+    ratio = abs(diff) / spread
+    size = "larger than" if ratio > 2 else "within"
+    return f"{size} the seed-to-seed spread ({ratio:.1f} x its largest standard deviation, {n_seeds} seeds)"
+
+
+def demo(base: TrainConfig, root: Path, fmt: str = "table", *, seeds: list[int] | None = None,
+         speed: bool = True) -> str | None:
+    """Train ``base`` plain, with SE and with CBAM for every seed into ``root``; write ``root``/results.md and .json.
+
+    The report says what chance is, how many seeds ran, the errors as mean ± standard deviation over the seeds,
+    and whether each difference to the plain network is larger than the seed-to-seed spread (more than twice the
+    larger of the two rows' standard deviations: a rough yardstick, not a significance test). Images per second
+    are measured side by side after training (:func:`speed_side_by_side`), never taken from the runs. Returns the
+    report, or None in a process that is not rank 0 (it has no results).
+    """
+    seeds = [base.seed] if not seeds else list(seeds)
+    keys = list(DEMO_VARIANTS)
+    results = run_variants(base, keys, seeds, root)
     if not results:
         return None
+    summaries = {k: summarise(k, runs) for k, runs in results.items()}
+    per_seed = {k: [r["final_top1_err"] for r in runs] for k, runs in results.items()}
+    classes = results[keys[0]][0].get("num_classes") or _classes(base)
+    chance = 100.0 * (1 - 1 / classes)
+    rates = speed_side_by_side(base, keys) if speed else {}
     rows = []
-    for key, runs in results.items():
-        r = runs[0]
-        rows.append({"network": f"{base.model} + {'CBAM' if key == 'cbam' else 'nothing'}",
-                     "top-1 err (%)": r["final_top1_err"], "top-5 err (%)": r["final_top5_err"],
-                     "params (M)": r["params"] / 1e6, "GMACs": r["gmacs"], "images/s": r["images_per_s"],
-                     "train s": r["wall_time_s"]})
-    (root / "results.md").write_text(format_rows(rows, fmt="markdown", digits=DEMO_DIGITS) + "\n")
-    return format_rows(rows, fmt=fmt, digits=DEMO_DIGITS)
+    for key in keys:
+        s = summaries[key]
+        row = {"network": f"{base.model} + {DEMO_NAMES[key]}",
+               "top-1 err (%)": _error_cell(s["top1_err"], s["top1_sd"]),
+               "per seed": ", ".join(f"{v:.1f}" for v in per_seed[key]),
+               "top-5 err (%)": _error_cell(s["top5_err"], s["top5_sd"]),
+               "params (M)": s["params_m"], "GMACs": s["gmacs"]}
+        if rates:
+            row["train images/s"] = rates[key]
+        rows.append(row)
+    lines = [f"{base.dataset}, {base.model}, {base.epochs} epochs, {len(seeds)} seed(s) per network "
+             f"({', '.join(map(str, seeds))}); chance is {chance:.1f} % top-1 error ({classes} classes)."]
+    plain = summaries["plain"]
+    spreads = {}
+    for key in keys[1:]:
+        s = summaries[key]
+        diff = s["top1_err"] - plain["top1_err"]
+        spread = None if s["top1_sd"] is None else max(s["top1_sd"], plain["top1_sd"])
+        spreads[key] = {"difference": diff, "spread": spread}
+        verdict = _verdict(diff, spread, len(seeds))
+        lines.append(f"{DEMO_NAMES[key]} - plain: {diff:+.2f} points of top-1 error; {verdict}.")
+    if rates:
+        lines.append(f"train images/s: measured side by side after training ({torch.get_num_threads()} threads, "
+                     "median of 5 interleaved rounds), not the runs' own.")
+    table = format_rows(rows, fmt=fmt, digits=DEMO_DIGITS)
+    (root / "results.md").write_text("\n".join(lines) + "\n\n" + format_rows(rows, fmt="markdown", digits=DEMO_DIGITS)
+                                     + "\n")
+    (root / "results.json").write_text(json.dumps(
+        {"dataset": base.dataset, "model": base.model, "epochs": base.epochs, "seeds": seeds,
+         "chance_top1_err": chance, "rows": list(summaries.values()), "per_seed_top1_err": per_seed,
+         "differences_to_plain": spreads, "train_images_per_s": rates}, indent=2) + "\n")
+    return "\n".join(lines) + "\n" + table
+
+
+def _classes(base: TrainConfig) -> int:
+    return base.synthetic_classes if base.dataset == "synthetic" else 100 if base.dataset == "cifar100" else 10
+
+
+DEMO_DIGITS = {"top-5 err (%)": 2, "params (M)": 3, "GMACs": 4, "train images/s": 0}
 
 
 def ablate(base: TrainConfig, root: Path, *, budget: int, seeds: list[int], tables: list[str],

@@ -32,6 +32,7 @@ from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
+from ..data import ClutteredDigits
 from .sampler import ResumableSampler, SeededSamples
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("synthetic", "cluttered-digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 AUGMENTS = ("default", "none")
 BAD_IMAGE_POLICIES = ("stop", "skip")
 
@@ -57,6 +58,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Measured over 5000 training images of SyntheticShapes (seed 0, 64x64); close for any seed or size.
 SYNTHETIC_MEAN = (0.503, 0.500, 0.502)
 SYNTHETIC_STD = (0.231, 0.233, 0.232)
+# Measured over the 8000 default training canvases of ClutteredDigits (seed 0, 48x48, 8 fragments).
+DIGITS_MEAN = (0.128,)
+DIGITS_STD = (0.309,)
+GENERATED = ("synthetic", "cluttered-digits")  # data sets made from a seed: no files, no download
 
 
 @dataclass
@@ -676,13 +681,16 @@ def build_datasets(
     synthetic_val_size: int = 1000,
     synthetic_seed: int = 0,
     synthetic_classes: int = 10,
+    clutter: int = 8,
     bad_images: str = "stop",
 ) -> tuple[Dataset, Dataset, DataInfo]:
     """Train and validation datasets with their family's standard transforms, and what the model needs.
 
     ``augment="none"`` gives the training split the validation transform (for debugging and overfit tests).
     ``image_size`` defaults to the native size (synthetic 64, CIFAR 32, MNIST 28) or 224 for image folders;
-    for CIFAR/MNIST another size resizes the images first. ``data_dir`` is ignored for ``synthetic``.
+    for CIFAR/MNIST another size resizes the images first. ``data_dir`` is ignored for the generated data sets
+    (``synthetic``, ``cluttered-digits``): their sizes and seed are the ``synthetic_*`` arguments, and ``clutter`` is
+    the number of digit fragments on a cluttered-digits canvas (whose side is ``image_size``, default 48).
     """
     key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
     if key not in DATASETS:
@@ -707,6 +715,17 @@ def build_datasets(
         val = SyntheticShapes(synthetic_val_size, train=False, transform=val_tf, **common)
         info = DataInfo(synthetic_classes, 3, size, SYNTHETIC_MEAN, SYNTHETIC_STD, train.class_names)
         return train, val, info
+
+    if key == "cluttered-digits":
+        size = 48 if image_size is None else image_size
+        for what, value in (("train size", synthetic_train_size), ("val size", synthetic_val_size)):
+            _check_int(f"cluttered-digits: {what}", value, minimum=1)
+        # No augmentation: the digit's position is already random, and a flip or crop would change or cut it.
+        tf = v2.Compose(_to_normalised_tensor(DIGITS_MEAN, DIGITS_STD)[1:])
+        common = {"image_size": size, "clutter": clutter, "seed": synthetic_seed, "transform": tf}
+        train = ClutteredDigits(synthetic_train_size, train=True, **common)
+        val = ClutteredDigits(synthetic_val_size, train=False, **common)
+        return train, val, DataInfo(10, 1, size, DIGITS_MEAN, DIGITS_STD, train.class_names)
 
     if key == "imagefolder":
         layout = "train/<class>/<image> and val/<class>/<image> (ImageNet layout)"

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..fused import fuse
+from ..insertion import init_attention
 from ..models import create_model
 from ..models.complexity import count_macs, count_params
 from . import distributed as D
@@ -46,7 +47,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, check_output_path, check_resume, from_dict, stored_config, to_yaml
-from .data import build_datasets, build_loader
+from .data import GENERATED, build_datasets, build_loader
 from .determinism import deterministic
 from .signals import Interrupted, StopFlag
 
@@ -59,8 +60,8 @@ class Diverged(Exception):
 
 # ------------------------------------------------------------------------------------------ helpers
 def default_workers(dataset: str) -> int:
-    """In-memory synthetic data needs no workers; decoded datasets get up to 8, one core left over."""
-    if dataset == "synthetic":
+    """In-memory generated data needs no workers; decoded datasets get up to 8, one core left over."""
+    if dataset in GENERATED:
         return 0
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
@@ -77,7 +78,8 @@ def datasets_for(cfg: TrainConfig):
     return build_datasets(
         cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
         synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size,
-        synthetic_seed=cfg.synthetic_seed, synthetic_classes=cfg.synthetic_classes, bad_images=cfg.bad_images,
+        synthetic_seed=cfg.synthetic_seed, synthetic_classes=cfg.synthetic_classes, clutter=cfg.clutter,
+        bad_images=cfg.bad_images,
     )
 
 
@@ -101,19 +103,35 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, global_batch: int) -> tor
                            nesterov=cfg.nesterov)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-    """Stepped once per epoch: step decay (the paper's x0.1 every 30), cosine, or constant; optional warm-up."""
-    main_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a multiple of ``lr``; the schedule is per step.
+
+    ``cosine`` anneals from the end of the warm-up to zero at the run's last step, whatever ``epochs`` is, so a
+    3-epoch run ends annealed as a 200-epoch one does. ``step`` is the paper's: x ``gamma`` every ``step_size``
+    epochs. ``constant`` stays. The warm-up rises linearly from 0.1 x to 1 x over ``warmup_epochs`` (see
+    :func:`warmup_steps`).
+    """
+    warm = warmup_steps(cfg, steps_per_epoch)
+    if step < warm:
+        return 0.1 + 0.9 * step / warm
     if cfg.schedule == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    elif cfg.schedule == "cosine":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)
-    else:
-        main = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    if cfg.warmup_epochs <= 0:
-        return main
-    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=cfg.warmup_epochs)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_epochs])
+        return cfg.gamma ** (step // steps_per_epoch // cfg.step_size)
+    if cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return 1.0
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Warm-up steps: ``warmup_epochs`` x steps per epoch; unset, 5 % of the run under cosine and none otherwise."""
+    if cfg.warmup_epochs is None:
+        return round(0.05 * cfg.epochs * steps_per_epoch) if cfg.schedule == "cosine" else 0
+    return round(cfg.warmup_epochs * steps_per_epoch)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A LambdaLR of :func:`lr_factor`, stepped after every optimizer step (its state is the step count)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
 
 
 def holds_run(out: Path) -> bool:
@@ -369,6 +387,7 @@ class Run:
     params: int
     macs: int
     on_step: StepHook | None = None
+    num_classes: int = 0
     step_model: nn.Module | None = None  # what the training step calls (DDP- and compile-wrapped)
     tb: Any = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -432,6 +451,8 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> Run:
                               workers=workers, seed=cfg.seed, **ranks)
 
     model = build_model(cfg, data.num_classes, data.in_chans)
+    if cfg.attention != "none" and cfg.attention_init == "identity":
+        init_attention(model, "identity")  # identity: start as the plain network (docs/short-runs.md)
     params = count_params(model)
     with torch.device("meta"):
         macs = count_macs(build_model(cfg, data.num_classes, data.in_chans), input_size=(data.image_size,) * 2,
@@ -441,11 +462,18 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> Run:
         model.to(memory_format=torch.channels_last)
     _fuse(model, cfg, info)
     optimizer = make_optimizer(cfg, model, cfg.batch_size)
-    scheduler = make_scheduler(cfg, optimizer)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, train_loader))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     out = prepare_output(cfg, info)
     return Run(cfg=cfg, info=info, out=out, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-               train_loader=train_loader, val_loader=val_loader, params=params, macs=macs, on_step=on_step)
+               train_loader=train_loader, val_loader=val_loader, params=params, macs=macs, on_step=on_step,
+               num_classes=data.num_classes)
+
+
+def steps_per_epoch(cfg: TrainConfig, loader) -> int:
+    """Optimizer steps in one epoch: the sampler's batches, capped by ``max_steps_per_epoch``."""
+    n = loader.sampler.batches_per_epoch
+    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
 
 
 def _fuse(model: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> list[str]:
@@ -531,9 +559,7 @@ def _train_epoch(run: Run, position: Position, stop: StopFlag) -> None:
     cfg, info = run.cfg, run.info
     sampler = run.train_loader.sampler
     sampler.set_epoch(position.epoch, position.batch)
-    n_batches = sampler.batches_per_epoch
-    if cfg.max_steps_per_epoch:
-        n_batches = min(n_batches, cfg.max_steps_per_epoch)
+    n_batches = steps_per_epoch(cfg, run.train_loader)
     run.model.train()
     bar = _progress(cfg, info, n_batches, position.batch, position.epoch)
     t0 = time.time()
@@ -548,6 +574,7 @@ def _train_epoch(run: Run, position: Position, stop: StopFlag) -> None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
         position.step += 1
         position.batch += 1
         position.totals.loss_sum += result.loss_sum
@@ -597,10 +624,9 @@ def _train_step(run: Run, micro_batches: Iterator[Any], stop: StopFlag) -> StepR
 
 
 def _end_epoch(run: Run, position: Position) -> tuple[dict[str, Any], bool]:
-    """Scheduler step, validation, the epoch's metrics row; ``position`` moves to the next epoch's start."""
+    """Validation, the epoch's metrics row (``lr``: the last step's); ``position`` moves to the next epoch's start."""
     totals = position.totals
-    lr_used = run.optimizer.param_groups[0]["lr"]
-    run.scheduler.step()
+    lr_used = run.scheduler.get_last_lr()[0] if position.step == 0 else _lr_of_step(run, position.step - 1)
     _sync_buffers(run.model, run.info)
     val = evaluate(run.model, run.val_loader, run.cfg, run.info)  # the bare module: no collective per batch
     row = {"epoch": position.epoch + 1, "step": position.step,
@@ -614,6 +640,10 @@ def _end_epoch(run: Run, position: Position) -> tuple[dict[str, Any], bool]:
     position.batch = 0
     position.totals = EpochTotals()
     return row, is_best
+
+
+def _lr_of_step(run: Run, step: int) -> float:
+    return run.scheduler.base_lrs[0] * lr_factor(run.cfg, step, steps_per_epoch(run.cfg, run.train_loader))
 
 
 def _log_epoch(run: Run, row: dict[str, Any]) -> None:
@@ -667,6 +697,7 @@ def _finish(run: Run, position: Position) -> dict[str, Any]:
     final = metrics[-1] if metrics else {}
     summary = {
         "model": cfg.model, "attention": cfg.attention, "dataset": cfg.dataset, "epochs": cfg.epochs,
+        "num_classes": run.num_classes,
         "final_top1_err": final.get("top1_err"), "final_top5_err": final.get("top5_err"),
         "final_val_loss": final.get("val_loss"),
         "best_top1_err": best["top1_err"] if best else None, "best_top5_err": best["top5_err"] if best else None,
