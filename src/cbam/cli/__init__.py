@@ -38,7 +38,7 @@ COMMANDS: dict[str, Command] = {
                      "train a network (one process, or many through torchrun)"),
     "eval": Command(train.add_eval_arguments, train.run_eval, "top-1 / top-5 error and loss of a saved run"),
     "demo": Command(compare.add_demo_arguments, compare.run_demo,
-                    "train a plain and a CBAM network on synthetic data and compare them"),
+                    "train a network plain, with SE and with CBAM over seeds on the cluttered digits, compare, draw"),
     "ablate": Command(compare.add_ablate_arguments, compare.run_ablate,
                       "the paper's ablations (Tables 1-3) plus plain and SE, in the paper's form"),
     "bench": Command(bench.add_arguments, bench.run,

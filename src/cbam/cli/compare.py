@@ -36,7 +36,7 @@ def _check_runs(base: TrainConfig, root: str, keys: list[str], seeds: list[int])
 
 def _add_common(parser: argparse.ArgumentParser, output: str) -> None:
     parser.add_argument("--config", default=None, help="recipe name or YAML file (default: demo)")
-    parser.add_argument("--model", default=None, help="registered network (default: the recipe's, cifar_resnet20)")
+    parser.add_argument("--model", default=None, help="registered network (default: the recipe's)")
     parser.add_argument("--dataset", choices=DATASETS, default=None,
                         help="data set (default: the recipe's)")
     parser.add_argument("--data-dir", default=None,
@@ -72,8 +72,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """Train plain, SE and CBAM for every seed, print the comparison, draw what the first seed's CBAM attends to."""
     base = _base_config(args, "demo")
-    if any(seed < 0 for seed in args.seeds):
-        raise ValueError(f"--seeds must be integers >= 0, got {args.seeds}")
+    if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds must be distinct integers >= 0, got {','.join(map(str, args.seeds))}")
     _check_runs(base, args.output, list(DEMO_VARIANTS), args.seeds)
     root = Path(args.output)
     text = demo(base, root, args.format, seeds=args.seeds)
@@ -102,7 +102,7 @@ def _pictures(base: TrainConfig, root: Path, args: argparse.Namespace) -> None:
         print(f"pictures skipped: {exc}")
         return
     if result.get("table"):
-        print(f"\nWhere the attention falls ({result['table'].count(chr(10))} rows; see docs/visualize.md):\n"
+        print(f"\nWhere the attention falls ({len(result['score'])} maps; see docs/visualize.md):\n"
               f"{result['table']}")
     print(f"pictures: {len(result['pictures'])} images and channel_gates.png in {root / 'pictures'}")
 
@@ -131,6 +131,8 @@ def run_ablate(args: argparse.Namespace) -> int:
     base = _base_config(args, "demo")
     keys = list(dict.fromkeys(k for t in args.tables for k in TABLES[t][1]))
     _check_runs(dataclasses.replace(base, epochs=args.budget), args.output, keys, args.seeds)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds must be distinct, got {','.join(map(str, args.seeds))}")
     text = ablate(base, Path(args.output), budget=args.budget, seeds=args.seeds, tables=args.tables, fmt=args.format)
     if text is not None:
         print("\n" + text)

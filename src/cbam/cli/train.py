@@ -39,7 +39,7 @@ HELP: dict[str, str] = {
                                         "in_chans")},
     "pool_types": MODEL_HELP["pool_types"],
     "attention_init": "identity: the attention modules start as constant gates with the norm in front scaled to undo "
-                      "them, so the network starts as the plain one (trains well in short runs, docs/short-runs.md); "
+                      "them, so the network starts as the plain one (trains well in short runs, docs/demo.md); "
                       "paper: the modules' own initialisation (the paper's recipes)",
     # data
     "dataset": "data set (synthetic and cluttered-digits ship with the package: no files, no download)",

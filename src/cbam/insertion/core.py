@@ -157,23 +157,41 @@ def _initialise(site: Site, module: nn.Module, init: str) -> None:
 
 
 def init_attention(model: nn.Module, init: str = "identity") -> list[str]:
-    """(Re-)initialise every attention module that sits in a registered slot of ``model``; return their paths.
+    """Initialise every attention module that sits in a registered slot of a freshly built ``model``; return their
+    paths.
 
     ``"identity"`` makes a network built with attention start as exactly the network without it (each gate a
     constant, the norm in front scaled to undo it), so the residual branches start at the plain network's scale
     instead of a quarter of it; training then learns where to attend. ``cbam train`` does this by default
-    (``attention_init``; see docs/short-runs.md for why). ``"paper"`` re-runs each module's own initialisation.
-    Modules outside registered slots (BAM between stages) are left as they are. Every site is checked before any
-    weight changes."""
+    (``attention_init``; see docs/demo.md for why). ``"paper"`` re-runs each module's own initialisation. Call it once,
+    on a network as built: the norms are scaled on every call, so a network that already starts as the identity
+    (after ``cbam.insert`` or an earlier call) is refused. Modules outside registered slots (BAM between stages) are
+    left as they are. Every site is checked before any weight changes."""
     if init not in INITS:
         raise ValueError(f"init_attention: init must be one of {', '.join(INITS)}, got {init!r}")
     sites = [s for s in attention_sites(model) if s.occupant is not None]
     if init == "identity":
         for site in sites:
+            module = site.occupant
+            if not isinstance(module, (CBAM, SE)) and not callable(getattr(module, "identity_gate_", None)):
+                identity_gate_(module)  # raises its one-line TypeError before anything changed
+            if _starts_as_identity(module):
+                raise ValueError(f"init_attention: {site.slot_path} already starts as the identity (its gate's last "
+                                 "layer is zero); call it once, on a freshly built network")
             _check_scalable(site.placement.norm_of(site.block), _where(site))
     for site in sites:
         _initialise(site, site.occupant, init)
     return [site.slot_path for site in sites]
+
+
+def _starts_as_identity(module: nn.Module) -> bool:
+    last = None
+    if isinstance(module, CBAM):
+        last = module.channel.fc2 if module.channel.fc2 is not None else module.channel.fc1
+    elif isinstance(module, SE):
+        last = module.fc2
+    weight = getattr(last, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not bool(weight.any())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class CifarResNet(nn.Module):
 
 @register_model(model_cls=CifarResNet, input_size=32)
 def cifar_resnet8(*, attention: AttnArg = None, num_classes: int = 10, **kwargs: Any) -> CifarResNet:
-    """ResNet-8 for CIFAR (n = 1, one block per stage): 78K parameters; the smallest of He et al.'s family, for
+    """ResNet-8 for CIFAR (n = 1, one block per stage): 75K parameters; the smallest of He et al.'s family, for
     the CPU demo."""
     return CifarResNet(8, attention=attention, num_classes=num_classes, **kwargs)
 

@@ -174,9 +174,9 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(rows, indent=2)
     shown = [{"description": r["description"], "params (M)": r["params_m"], "GMACs": r["gmacs"],
               "top-1 err (%)": _error_cell(r["top1_err"], r["top1_sd"]),
-              "top-5 err (%)": _error_cell(r["top5_err"], r["top5_sd"]), "images/s": r["images_per_s"]}
-             for r in rows]
-    return format_rows(shown, fmt=fmt, digits={"params (M)": 3, "GMACs": 4, "images/s": 0})
+              "top-5 err (%)": _error_cell(r["top5_err"], r["top5_sd"])}
+             for r in rows]  # the runs' own images/s are not comparable (different times, loads): see cbam bench
+    return format_rows(shown, fmt=fmt, digits={"params (M)": 3, "GMACs": 4})
 
 
 DEMO_VARIANTS = ("plain", "se", "cbam")
@@ -249,8 +249,9 @@ def demo(base: TrainConfig, root: Path, fmt: str = "table", *, seeds: list[int] 
     summaries = {k: summarise(k, runs) for k, runs in results.items()}
     per_seed = {k: [r["final_top1_err"] for r in runs] for k, runs in results.items()}
     classes = results[keys[0]][0].get("num_classes") or _classes(base)
-    chance = 100.0 * (1 - 1 / classes)
-    rates = speed_side_by_side(base, keys) if speed else {}
+    chance = None if classes is None else 100.0 * (1 - 1 / classes)
+    on_cpu = base.device == "cpu" or (base.device == "auto" and not torch.cuda.is_available())
+    rates = speed_side_by_side(base, keys) if speed and on_cpu else {}
     rows = []
     for key in keys:
         s = summaries[key]
@@ -262,8 +263,9 @@ def demo(base: TrainConfig, root: Path, fmt: str = "table", *, seeds: list[int] 
         if rates:
             row["train images/s"] = rates[key]
         rows.append(row)
+    what_chance = "chance unknown" if chance is None else f"chance is {chance:.1f} % top-1 error ({classes} classes)"
     lines = [f"{base.dataset}, {base.model}, {base.epochs} epochs, {len(seeds)} seed(s) per network "
-             f"({', '.join(map(str, seeds))}); chance is {chance:.1f} % top-1 error ({classes} classes)."]
+             f"({', '.join(map(str, seeds))}); {what_chance}."]
     plain = summaries["plain"]
     spreads = {}
     for key in keys[1:]:
@@ -274,20 +276,26 @@ def demo(base: TrainConfig, root: Path, fmt: str = "table", *, seeds: list[int] 
         verdict = _verdict(diff, spread, len(seeds))
         lines.append(f"{DEMO_NAMES[key]} - plain: {diff:+.2f} points of top-1 error; {verdict}.")
     if rates:
-        lines.append(f"train images/s: measured side by side after training ({torch.get_num_threads()} threads, "
-                     "median of 5 interleaved rounds), not the runs' own.")
+        lines.append(f"train images/s: measured side by side on the CPU after training ({torch.get_num_threads()} "
+                     "threads, median of 5 interleaved rounds), not the runs' own.")
+    elif speed:
+        lines.append("train images/s: not printed (measured side by side on the CPU only; on a GPU use cbam bench).")
     table = format_rows(rows, fmt=fmt, digits=DEMO_DIGITS)
     (root / "results.md").write_text("\n".join(lines) + "\n\n" + format_rows(rows, fmt="markdown", digits=DEMO_DIGITS)
                                      + "\n")
     (root / "results.json").write_text(json.dumps(
         {"dataset": base.dataset, "model": base.model, "epochs": base.epochs, "seeds": seeds,
-         "chance_top1_err": chance, "rows": list(summaries.values()), "per_seed_top1_err": per_seed,
+         "chance_top1_err": chance,
+         "rows": [{k: v for k, v in r.items() if k != "images_per_s"} for r in summaries.values()],
+         "per_seed_top1_err": per_seed,
          "differences_to_plain": spreads, "train_images_per_s": rates}, indent=2) + "\n")
     return "\n".join(lines) + "\n" + table
 
 
-def _classes(base: TrainConfig) -> int:
-    return base.synthetic_classes if base.dataset == "synthetic" else 100 if base.dataset == "cifar100" else 10
+def _classes(base: TrainConfig) -> int | None:
+    """Classes of the data set for runs whose summary lacks them (older versions); None for image folders."""
+    known = {"synthetic": base.synthetic_classes, "cifar100": 100, "imagefolder": None}
+    return known.get(base.dataset, 10)
 
 
 DEMO_DIGITS = {"top-5 err (%)": 2, "params (M)": 3, "GMACs": 4, "train images/s": 0}

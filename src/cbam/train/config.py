@@ -61,7 +61,7 @@ class TrainConfig:
     width_mult: float | None = None
     stride_in_1x1: bool | None = None
     in_chans: int | None = None
-    attention_init: str = "identity"  # start as the plain network (docs/short-runs.md); "paper": the modules' own
+    attention_init: str = "identity"  # start as the plain network (docs/demo.md); "paper": the modules' own
     # data
     dataset: str = "synthetic"
     data_dir: str | None = None
@@ -267,6 +267,9 @@ def check_output_path(path: str | Path, what: str = "output", *, folder: bool = 
 MAY_CHANGE = ("epochs", "workers", "progress", "save_every_steps", "tensorboard", "device", "fuse", "compile",
               "memory_efficient", "deterministic", "channels_last", "data_dir", "download", "bad_images")
 NOT_COMPARED = ("output", "resume", "overwrite", "config")
+# What a stored run that lacks a key (saved by an older version) was trained with, where that differs from today's
+# default: runs before attention_init existed used the modules' own initialisation.
+LEGACY_VALUES = {"attention_init": "paper"}
 RUN_DEFINING = tuple(k for k in _FIELDS if k not in MAY_CHANGE and k not in NOT_COMPARED)
 
 
@@ -280,7 +283,7 @@ def resume_changes(stored: Mapping[str, Any], cfg: TrainConfig) -> tuple[list[st
     for key in _FIELDS:
         if key in NOT_COMPARED:
             continue
-        old = stored.get(key, getattr(defaults, key))
+        old = stored.get(key, LEGACY_VALUES.get(key, getattr(defaults, key)))
         new = getattr(cfg, key)
         if isinstance(old, (list, tuple)):
             old = list(old)
@@ -400,5 +403,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """A saved run's configuration (keys unknown to this version ignored, missing ones at their defaults)."""
-    return TrainConfig(**{k: coerce(k, v, "checkpoint") for k, v in data.items() if k in _FIELDS})
+    """A saved run's configuration (keys unknown to this version ignored, missing ones at what older versions used,
+    :data:`LEGACY_VALUES`, else at their defaults)."""
+    values = {**LEGACY_VALUES, **{k: v for k, v in data.items() if k in _FIELDS}}
+    return TrainConfig(**{k: coerce(k, v, "checkpoint") for k, v in values.items()})

@@ -452,7 +452,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, on_step: StepHook | None) -> Run:
 
     model = build_model(cfg, data.num_classes, data.in_chans)
     if cfg.attention != "none" and cfg.attention_init == "identity":
-        init_attention(model, "identity")  # identity: start as the plain network (docs/short-runs.md)
+        init_attention(model, "identity")  # identity: start as the plain network (docs/demo.md)
     params = count_params(model)
     with torch.device("meta"):
         macs = count_macs(build_model(cfg, data.num_classes, data.in_chans), input_size=(data.image_size,) * 2,
@@ -506,6 +506,10 @@ def _resume(run: Run) -> Position:
         reason = str(exc).strip().splitlines()[0][:160]
         raise CheckpointError(f"checkpoint {last_path} does not fit this run's model or optimizer ({reason}); "
                               "resume with the run's own settings") from None
+    if "lr_lambdas" not in state["scheduler"]:  # a per-epoch scheduler's state: saved before the per-step schedule
+        raise CheckpointError(f"checkpoint {last_path} was saved by an older version whose learning-rate schedule "
+                              "advanced once per epoch; it cannot continue under the per-step schedule: start a new "
+                              "--output")
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     position = Position(epoch=state["epoch"], batch=state["batch"], step=state["step"], best=state.get("best"),

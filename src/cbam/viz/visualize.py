@@ -340,7 +340,7 @@ def visualize(
         raise ValueError("visualize: pass images (a folder) or dataset (a name), not both")
     if score and images is not None:
         raise ValueError("score needs boxes around the objects, which a folder of images does not have; score a "
-                         "data set with boxes (such as synthetic) instead")
+                         "data set with boxes (synthetic, cluttered-digits) instead")
     _require_viz()
     out = check_output_path(output, "output")
     files = None if images is None else _image_files(images)[:num_images]
@@ -384,7 +384,8 @@ def visualize(
             "definition": {
                 "pointing_game": f"% of images whose map maximum lies in the object's box (every pixel within "
                                  f"{TIE_RTOL:g} x the maximum of it must be inside: ties and flat maps are misses)",
-                "mass_in_box": "% of the map's sum inside the box, averaged over images",
+                "mass_in_box": "% of the map's sum inside the box, averaged over images; a spatial-gate map is taken "
+                               "above its own minimum (Grad-CAM maps come min-max scaled), so the rows compare",
                 "chance": "mean % of the image inside the box: a uniform map's mass in box and a uniformly "
                           "random point's hit rate",
                 "maps": "upsampled bilinearly (align_corners=False) to the image; boxes x0, y0, x1, y1 in pixels, "
@@ -457,7 +458,10 @@ def _score(models: Sequence[_Model], val_set: Any, name: str, data: DataInfo, co
             for model, cams in zip(models, run.cams, strict=True):
                 maps[(f"grad-cam {model.layer_name}", model.label)] = upsample(cams, size)
             for key, m in maps.items():
-                hits, mass = pointing_hits(m, batch.boxes), mass_in_box(m, batch.boxes)
+                # Grad-CAM comes min-max scaled from pytorch_grad_cam; a gate map has a floor (sigmoids near 1/2),
+                # so its mass is measured above its own minimum, as Grad-CAM's is, or the two would not compare
+                floor = m.amin(dim=(-2, -1), keepdim=True) if key[0].startswith("spatial") else 0.0
+                hits, mass = pointing_hits(m, batch.boxes), mass_in_box(m - floor, batch.boxes)
                 sums.setdefault(key, [[], []])
                 sums[key][0].append(hits)
                 sums[key][1].append(mass)
