@@ -140,7 +140,9 @@ def test_resume_changes_splits_and_names_values():
     refused, _ = resume_changes(cosine, TrainConfig(schedule="cosine", epochs=100))
     assert refused == ["epochs: stored 90, given 100"]
     # keys an older run did not store count as their defaults
-    assert resume_changes({}, TrainConfig()) == ([], [])
+    assert resume_changes({}, TrainConfig(attention_init="paper")) == ([], [])
+    # except attention_init: runs from before it existed used the modules' own initialisation
+    assert resume_changes({}, TrainConfig())[0] == ["attention_init: stored 'paper', given 'identity'"]
 
 
 def test_fewer_epochs_than_already_trained_is_refused(run, capsys):

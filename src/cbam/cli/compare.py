@@ -14,6 +14,7 @@ from ..report import FORMATS
 from ..train.compare import DEMO_VARIANTS, TABLES, VARIANTS, ablate, demo
 from ..train.config import TrainConfig, check_output_path, resolve
 from ..train.data import DATASETS, GENERATED
+from ..viz import visualize
 from .options import at_least, int_list
 
 
@@ -88,11 +89,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _pictures(base: TrainConfig, root: Path, args: argparse.Namespace) -> None:
     """``cbam visualize`` of the first seed's CBAM run against its plain run, with the score where boxes exist."""
-    try:
-        from ..viz import visualize
-    except ImportError as exc:  # pragma: no cover - viz imports its optional libraries lazily
-        print(f"pictures skipped ({exc})")
-        return
     suffix = "" if len(args.seeds) == 1 else f"-seed{args.seeds[0]}"
     boxes = base.dataset in GENERATED
     try:

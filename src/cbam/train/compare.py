@@ -21,9 +21,10 @@ from typing import Any
 import torch
 import yaml
 
+from ..fused import fuse
 from ..report import format_rows
 from .config import TrainConfig, from_dict
-from .engine import train
+from .engine import build_model, datasets_for, fuse_wanted, train
 from .signals import Interrupted, StopFlag
 
 # key -> (description in the paper's words, TrainConfig overrides)
@@ -191,9 +192,6 @@ def speed_side_by_side(base: TrainConfig, keys: list[str], *, rounds: int = 5, s
     share the threads, the machine's load and the allocator's state, so their ratios are comparable (the training
     runs' own images/s are not: they ran at different times).
     """
-    from ..fused import fuse
-    from .engine import build_model, datasets_for, fuse_wanted
-
     _, val_set, data = datasets_for(dataclasses.replace(base, synthetic_train_size=1, synthetic_val_size=1))
     del val_set
     models, optimizers = {}, {}
