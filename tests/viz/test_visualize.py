@@ -233,3 +233,18 @@ def test_other_bad_arguments(runs, tmp_path, capsys):
     assert main(["visualize", "--checkpoint", str(runs["cbam"]), "--images", str(tmp_path), "--dataset",
                  "synthetic", "--output", str(tmp_path / "o")]) == 2
     _one_error_line(capsys)
+
+
+def test_compare_runs_must_have_seen_the_same_images():
+    from cbam.train.config import TrainConfig
+    from cbam.viz.visualize import _check_same_data
+
+    digits = TrainConfig(dataset="cluttered-digits")
+    _check_same_data(digits, TrainConfig(dataset="cluttered-digits", image_size=48), Path("plain"))  # unset = 48
+    for other, word in ((TrainConfig(dataset="cluttered-digits", clutter=2), "clutter 2"),
+                        (TrainConfig(dataset="cluttered-digits", synthetic_seed=1), "synthetic_seed 1"),
+                        (TrainConfig(dataset="cluttered-digits", image_size=64), "image_size 64"),
+                        (TrainConfig(dataset="synthetic"), "dataset 'synthetic'")):
+        with pytest.raises(ValueError, match="compare run plain was trained on other data") as info:
+            _check_same_data(digits, other, Path("plain"))
+        assert word.split()[0] in str(info.value) and "\n" not in str(info.value)

@@ -40,7 +40,8 @@ HELP: dict[str, str] = {
     "pool_types": MODEL_HELP["pool_types"],
     "attention_init": "identity: the attention modules start as constant gates with the norm in front scaled to undo "
                       "them, so the network starts as the plain one (trains well in short runs, docs/demo.md); "
-                      "paper: the modules' own initialisation (the paper's recipes)",
+                      "paper: the modules' own initialisation (the paper's recipes); BAM, between the stages, "
+                      "always keeps its own",
     # data
     "dataset": "data set (synthetic and cluttered-digits ship with the package: no files, no download)",
     "data_dir": "folder holding the data set in torchvision's layout (default: none; needed for all but synthetic and "

@@ -161,17 +161,29 @@ def _data_config(cfg: TrainConfig, dataset: str | None, data_dir: str | Path | N
     elif data_dir is not None:
         updates["data_dir"] = str(data_dir)
     cfg = dataclasses.replace(cfg, **updates)
-    if cfg.dataset == "synthetic":
+    if cfg.dataset in ("synthetic", "cluttered-digits"):
         cfg = dataclasses.replace(cfg, synthetic_train_size=1, synthetic_val_size=max(1, min(cfg.synthetic_val_size,
                                                                                                needed)))
     return cfg
 
 
+_GENERATED_KEYS = {"synthetic": ("synthetic_seed", "synthetic_classes"),
+                   "cluttered-digits": ("synthetic_seed", "clutter")}
+
+
 def _check_same_data(main: TrainConfig, other: TrainConfig, path: Path) -> None:
-    sizes = (main.image_size, other.image_size)
-    if other.dataset != main.dataset or (None not in sizes and sizes[0] != sizes[1]):
-        raise ValueError(f"compare run {path} was trained on {other.dataset} at image size {other.image_size}, the "
-                         f"checkpoint on {main.dataset} at {main.image_size}; compare runs of the same data")
+    """Both runs must have seen the same images: data set, image size (unset: the data set's), generator options."""
+
+    def described(cfg: TrainConfig) -> dict[str, Any]:
+        default = {"synthetic": 64, "cluttered-digits": 48}.get(cfg.dataset)
+        keys = {"dataset": cfg.dataset, "image_size": cfg.image_size if cfg.image_size is not None else default}
+        return keys | {k: getattr(cfg, k) for k in _GENERATED_KEYS.get(cfg.dataset, ())}
+
+    ours, theirs = described(main), described(other)
+    differ = [f"{k} {theirs[k]!r} (checkpoint: {ours.get(k)!r})" for k in theirs if ours.get(k) != theirs[k]]
+    if differ:
+        raise ValueError(f"compare run {path} was trained on other data: {', '.join(differ)}; compare runs of the "
+                         "same data")
 
 
 # ------------------------------------------------------------------------------------------ images
