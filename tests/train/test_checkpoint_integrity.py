@@ -30,10 +30,10 @@ from cbam.train.checkpoint import (
     save_checkpoint,
 )
 
-TINY = [
+TINY = [  # the step schedule: --resume may add epochs (under cosine, the default, the epochs define the run)
     "--dataset", "synthetic", "--model", "cifar_resnet20", "--image-size", "32",
     "--synthetic-train-size", "64", "--synthetic-val-size", "32", "--batch-size", "16", "--lr", "0.05",
-    "--no-progress", "--workers", "0",
+    "--no-progress", "--workers", "0", "--schedule", "step",
 ]
 
 
