@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test test-slow test-all lint demo bench clean
+.PHONY: venv test test-slow test-all test-keras-backends lint demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,18 @@ test-all: venv lint
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+# tests/keras on the TensorFlow and JAX backends (`make test` runs them on the PyTorch one), in a venv of their own
+# (tensorflow-cpu and jax[cpu] are a large download and pin other packages; docs/keras.md). CI runs it after test-slow.
+KERAS_VENV ?= .venv-keras
+test-keras-backends: $(KERAS_VENV)/.installed
+	KERAS_BACKEND=tensorflow $(KERAS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/keras
+	KERAS_BACKEND=jax $(KERAS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/keras
+
+$(KERAS_VENV)/.installed: pyproject.toml
+	test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/python -m pip install -q -e '.[keras]' pytest hypothesis 'tensorflow-cpu==2.21.*' 'jax[cpu]==0.10.2'
+	touch $@
+
 # The README's main job: ResNet-8 plain, with SE and with CBAM on the cluttered digits, two seeds each, compared,
 # then pictures of what CBAM attends to (outputs in runs/demo; docs/demo.md).
 demo: venv
@@ -35,4 +47,4 @@ bench: venv
 	$(PY) -m cbam bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(KERAS_VENV) build *.egg-info src/*.egg-info

@@ -19,7 +19,7 @@ PAPER_HEADER = (
     "# Tables 4 and 5 of the paper, counted: the output of `cbam profile --paper --format markdown` "
     "(checked by `tests/test_docs.py`)"
 )
-README_MAX_LINES = 280  # issues 15 and 16 ask for measured outputs and a Keras example in the README
+README_MAX_LINES = 300  # issues 15 and 16 ask for measured outputs and a Keras example in the README
 # the API that issue 12 removed: the README and the design notes describe the new one only
 REMOVED_API = ("implementation=", "fuse_residual", "residual_relu", "norm_forward", "cbam.layers.fused_cpu",
                "cbam.layers.cbam_fused", "cbam.layers.memory")

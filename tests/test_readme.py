@@ -54,3 +54,11 @@ def test_detection_and_segmentation_example_runs():
                    for m in modules)
     assert namespace["boxes"].shape[1:] == (4,)
     assert torch.isfinite(namespace["images"]).all()
+
+
+def test_keras_example_is_the_one_tests_keras_runs():
+    """The README's Keras example is docs/keras.md's first python block, which tests/keras/test_keras_example.py runs
+    (under the Keras backend its conftest sets)."""
+    docs = re.findall(r"```python\n(.*?)```", (README.parent / "docs" / "keras.md").read_text(), flags=re.S)
+    assert python_blocks()[4] == docs[0]
+    assert "model.fit" in docs[0] and "cbam.keras" in docs[0]

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils import flop_counter
 
 try:
     import fcntl
@@ -256,6 +255,9 @@ def _conv_backward_flops(d, maps, weight, *, out_val=None) -> int:
 
 
 def _register_flop_formulas() -> None:
+    # imported here, not at the top: it loads triton, which must not come after TensorFlow (docs/keras.md)
+    from torch.utils import flop_counter
+
     ops = torch.ops.cbam_cpu
     formulas = {
         ops.pools_and_channel_gate: _pools_flops,

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._registry import create_model, model_meta
 
@@ -46,6 +45,8 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int] = (224, 224),
     was_training = model.training
     # Whichever path computes (the reference on the meta device, the CPU kernels, a fused model's blocks), the count
     # is the same: the kernels register FLOP formulas for exactly the reference path's linear and conv2d work.
+    from torch.utils.flop_counter import FlopCounterMode  # here: it loads triton (docs/keras.md, Backends)
+
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
