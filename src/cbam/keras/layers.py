@@ -56,6 +56,14 @@ def _widened(x: Any) -> Any:
     return x
 
 
+def _conv(x: Any, kernel: Any, padding: str, data_format: str) -> Any:
+    """``ops.conv``; channels_first runs channels_last on TensorFlow, whose CPU Conv2D has no NCHW kernel (float64)."""
+    if data_format == "channels_first" and keras.backend.backend() == "tensorflow":
+        y = ops.conv(ops.transpose(x, (0, 2, 3, 1)), kernel, padding=padding, data_format="channels_last")
+        return ops.transpose(y, (0, 3, 1, 2))
+    return ops.conv(x, kernel, padding=padding, data_format=data_format)
+
+
 def _mean(x: Any, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Any:
     """``ops.mean``, except that a float64 mean stays float64: off TensorFlow, Keras' type promotion computes it in
     float32 (as JAX without x64), so a float64 layer would not match the PyTorch module in float64."""
@@ -361,11 +369,11 @@ class SpatialGate(_FeatureMapLayer):
             axis = self.channel_axis
             return ops.concatenate([_mean(x, axis=axis, keepdims=True), ops.max(x, axis=axis, keepdims=True)],
                                    axis=axis)
-        return ops.conv(x, self.compress_kernel, padding="valid", data_format=self.data_format)
+        return _conv(x, self.compress_kernel, "valid", self.data_format)
 
     def logits(self, x: Any, training: bool | None = None) -> Any:
         """Pre-gate spatial attention: (N, H, W, 1) or (N, 1, H, W)."""
-        s = ops.conv(self.compressed(x), self.conv_kernel, padding="same", data_format=self.data_format)
+        s = _conv(self.compressed(x), self.conv_kernel, "same", self.data_format)
         if self.conv_bias is not None:
             s = s + self.conv_bias  # one map: a shape-(1,) bias broadcasts in either layout
         if self.norm:
