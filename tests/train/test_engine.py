@@ -70,6 +70,10 @@ def test_eval_reproduces_the_final_validation_numbers(tmp_path, capsys):
         for key in ("top1_err", "top5_err", "val_loss"):
             assert result[key] == pytest.approx(final[key], abs=1e-6), (target, key)
     assert "top-1 err" in capsys.readouterr().out
+    # a typo in the workers would fork processes until memory runs out: refused in one line before any loader
+    assert main(["eval", "--checkpoint", str(out), "--workers", "99999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert "workers must be from 0 to" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_after_an_interruption_is_bit_exact(tmp_path):

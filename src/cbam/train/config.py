@@ -219,6 +219,15 @@ def _check_values(cfg: TrainConfig) -> None:
         raise ValueError("resume and overwrite contradict each other: pass one of them")
 
 
+def check_loader_settings(cfg: TrainConfig) -> None:
+    """The data-loading settings alone (for ``cbam eval``, which takes them without a whole run to validate)."""
+    max_workers = 4 * (os.cpu_count() or 1)
+    if cfg.workers is not None and not 0 <= cfg.workers <= max_workers:
+        _fail("workers", f"from 0 to {max_workers} (4 x this machine's {os.cpu_count() or 1} CPUs)", cfg.workers)
+    if cfg.batch_size < 1:
+        _fail("batch_size", "at least 1", cfg.batch_size)
+
+
 def _check_model(cfg: TrainConfig) -> None:
     """Build the model on the meta device: its options are checked by the model itself, at no cost."""
     attention = None if cfg.attention.lower() == "none" else cfg.attention

@@ -46,7 +46,15 @@ from .checkpoint import (
     save_weights,
     set_rng_state,
 )
-from .config import TrainConfig, check_output_path, check_resume, from_dict, stored_config, to_yaml
+from .config import (
+    TrainConfig,
+    check_loader_settings,
+    check_output_path,
+    check_resume,
+    from_dict,
+    stored_config,
+    to_yaml,
+)
 from .data import GENERATED, build_datasets, build_loader
 from .determinism import deterministic
 from .signals import Interrupted, StopFlag
@@ -310,6 +318,7 @@ def evaluate_run(
     cfg, weights, path = load_run(checkpoint)
     updates = {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size, "workers": workers}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in updates.items() if v is not None})
+    check_loader_settings(cfg)  # a typo like --workers 99999 would fork until memory runs out
     _, val_set, data = datasets_for(cfg)
     model = build_model(cfg, data.num_classes, data.in_chans)
     try:
