@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from ..report import FORMATS
-from ..train.compare import DEMO_VARIANTS, TABLES, VARIANTS, ablate, demo
+from ..train.compare import DEMO_VARIANTS, TABLES, VARIANTS, ablate, demo, run_folder
 from ..train.config import TrainConfig, check_output_path, resolve
 from ..train.data import DATASETS, GENERATED
 from ..viz import visualize
@@ -89,10 +89,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _pictures(base: TrainConfig, root: Path, args: argparse.Namespace) -> None:
     """``cbam visualize`` of the first seed's CBAM run against its plain run, with the score where boxes exist."""
-    suffix = "" if len(args.seeds) == 1 else f"-seed{args.seeds[0]}"
+    first = args.seeds[0]
     boxes = base.dataset in GENERATED
     try:
-        result = visualize(root / f"cbam{suffix}", compare=root / f"plain{suffix}", output=root / "pictures",
+        result = visualize(run_folder(root, "cbam", first, args.seeds),
+                           compare=run_folder(root, "plain", first, args.seeds), output=root / "pictures",
                            num_images=args.pictures, score=boxes, progress=bool(base.progress))
     except ValueError as exc:  # grad-cam not installed: the comparison stands, say how to get the pictures
         print(f"pictures skipped: {exc}")

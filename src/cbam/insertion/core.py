@@ -82,7 +82,7 @@ def identity_gate_(module: nn.Module) -> float:
     A module of another class can take part by defining ``identity_gate_(self) -> float`` itself."""
     if isinstance(module, CBAM):
         channel = module.channel
-        last = channel.fc2 if channel.fc2 is not None else channel.fc1
+        last = _last_gate_layer(module)
         nn.init.zeros_(last.weight)
         if last.bias is not None:
             nn.init.zeros_(last.bias)
@@ -99,9 +99,10 @@ def identity_gate_(module: nn.Module) -> float:
                 scale *= _gate_at_zero(spatial.gate)
         return scale
     if isinstance(module, SE):
-        nn.init.zeros_(module.fc2.weight)
-        if module.fc2.bias is not None:
-            nn.init.zeros_(module.fc2.bias)
+        last = _last_gate_layer(module)
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
         return _gate_at_zero(module.gate)
     custom = getattr(module, "identity_gate_", None)
     if callable(custom):
@@ -184,13 +185,17 @@ def init_attention(model: nn.Module, init: str = "identity") -> list[str]:
     return [site.slot_path for site in sites]
 
 
-def _starts_as_identity(module: nn.Module) -> bool:
-    last = None
+def _last_gate_layer(module: nn.Module) -> nn.Module | None:
+    """The channel gate's output layer of a CBAM or SE (what identity initialisation zeroes); None for others."""
     if isinstance(module, CBAM):
-        last = module.channel.fc2 if module.channel.fc2 is not None else module.channel.fc1
-    elif isinstance(module, SE):
-        last = module.fc2
-    weight = getattr(last, "weight", None)
+        return module.channel.fc2 if module.channel.fc2 is not None else module.channel.fc1
+    if isinstance(module, SE):
+        return module.fc2
+    return None
+
+
+def _starts_as_identity(module: nn.Module) -> bool:
+    weight = getattr(_last_gate_layer(module), "weight", None)
     return isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not bool(weight.any())
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..layers._checks import check_choice, check_odd_kernel, check_positive_int
-from ..layers.cbam import ARRANGEMENTS, POOL_TYPES, PRESETS, SPATIAL_COMPRESSIONS, hidden_width
+from ..layers.cbam import POOL_TYPES, PRESETS, SPATIAL_COMPRESSIONS, hidden_width, preset_options
 from ._require import keras
 
 ops = keras.ops
@@ -471,16 +471,12 @@ class CBAM(_FeatureMapLayer):
         p = PRESETS[check_choice(name, "preset", preset, tuple(PRESETS))]
         if isinstance(pool_types, str):
             pool_types = (pool_types,)
-        self.arrangement = check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
-        if arrangement != "channel_first" and not spatial:
-            raise ValueError(f"{name}: arrangement {arrangement!r} needs the spatial gate, got spatial=False")
-        if p.channel_layers == 1 and (
-            reduction not in (None, p.reduction) or hidden not in (None, self.channels or hidden)
-        ):
-            given = f"reduction={reduction}" if reduction not in (None, p.reduction) else f"hidden={hidden}"
-            c = self.channels or "C"
-            raise ValueError(f"{name}: preset {preset!r} has one {c} -> {c} channel layer and no reduction; "
-                             f"expected reduction and hidden unset, got {given}")
+        channel_options, spatial_options = preset_options(
+            name, p, preset, self.channels, reduction=reduction, hidden=hidden, pool_types=pool_types,
+            spatial=spatial, arrangement=arrangement, mlp_bias=mlp_bias, spatial_bias=spatial_bias,
+            spatial_norm=spatial_norm, bn_momentum=bn_momentum,
+        )
+        self.arrangement = arrangement
         self.preset = preset
         # the options as given (None: the preset's), for get_config; a tuple, so Keras does not wrap it in a tracker
         self.options = tuple(dict(
@@ -491,18 +487,13 @@ class CBAM(_FeatureMapLayer):
         ).items())
         self.channel = ChannelGate(
             self.channels,
-            p.reduction if reduction is None else reduction,
-            hidden=hidden,
-            pool_types=p.pool_types if pool_types is None else pool_types,
-            bias=p.mlp_bias if mlp_bias is None else mlp_bias,
             act_layer=act_layer,
             gate=gate,
-            hidden_rounding=p.hidden_rounding,
-            layers=p.channel_layers,
             init=p.init,
             data_format=data_format,
             dtype=self.dtype_policy,  # the gates compute in CBAM's own dtype
             name="channel",
+            **channel_options,
         )
         self.gate = self.channel.gate  # checked by the channel gate, as the PyTorch module's error says
         self.spatial = (
@@ -510,14 +501,12 @@ class CBAM(_FeatureMapLayer):
                 self.channels,
                 kernel_size,
                 compress=spatial_compress,
-                bias=p.spatial_bias if spatial_bias is None else spatial_bias,
-                norm=p.spatial_norm if spatial_norm is None else spatial_norm,
-                bn_momentum=p.bn_momentum if bn_momentum is None else bn_momentum,
                 gate=gate,
                 init=p.init,
                 data_format=data_format,
                 dtype=self.dtype_policy,
                 name="spatial",
+                **spatial_options,
             )
             if spatial
             else None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +219,53 @@ class SpatialGate(nn.Module):
         return f"compress={self.compress_mode!r}"
 
 
+def preset_options(
+    name: str,
+    p: Preset,
+    preset: str,
+    channels: int | None,
+    *,
+    reduction: int | None,
+    hidden: int | None,
+    pool_types: Sequence[str] | None,
+    spatial: bool,
+    arrangement: str,
+    mlp_bias: bool | None,
+    spatial_bias: bool | None,
+    spatial_norm: bool | None,
+    bn_momentum: float | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A CBAM's options checked against each other and the preset ``p``, unset ones taken from it: the keyword
+    arguments of its channel gate and of its spatial gate. Shared with ``cbam.keras.CBAM``, so both check and
+    resolve alike; ``channels`` may be None there (read from the input later)."""
+    check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
+    if arrangement != "channel_first" and not spatial:
+        raise ValueError(f"{name}: arrangement {arrangement!r} needs the spatial gate, got spatial=False")
+    if p.channel_layers == 1 and (
+        reduction not in (None, p.reduction) or hidden not in (None, hidden if channels is None else channels)
+    ):
+        given = f"reduction={reduction}" if reduction not in (None, p.reduction) else f"hidden={hidden}"
+        c = "C" if channels is None else channels
+        raise ValueError(
+            f"{name}: preset {preset!r} has one {c} -> {c} channel layer and no reduction; "
+            f"expected reduction and hidden unset, got {given}"
+        )
+    channel = {
+        "reduction": p.reduction if reduction is None else reduction,
+        "hidden": hidden,
+        "pool_types": p.pool_types if pool_types is None else pool_types,
+        "bias": p.mlp_bias if mlp_bias is None else mlp_bias,
+        "hidden_rounding": p.hidden_rounding,
+        "layers": p.channel_layers,
+    }
+    spatial_options = {
+        "bias": p.spatial_bias if spatial_bias is None else spatial_bias,
+        "norm": p.spatial_norm if spatial_norm is None else spatial_norm,
+        "bn_momentum": p.bn_momentum if bn_momentum is None else bn_momentum,
+    }
+    return channel, spatial_options
+
+
 class CBAM(nn.Module):
     """Convolutional Block Attention Module: channel gate (``channel``) then spatial gate (``spatial``).
 
@@ -267,37 +315,15 @@ class CBAM(nn.Module):
         p = PRESETS[check_choice(name, "preset", preset, tuple(PRESETS))]
         self.preset = preset
         self.channels = check_positive_int(name, "channels", channels)
-        self.arrangement = check_choice(name, "arrangement", arrangement, ARRANGEMENTS)
-        if arrangement != "channel_first" and not spatial:
-            raise ValueError(f"{name}: arrangement {arrangement!r} needs the spatial gate, got spatial=False")
-        if p.channel_layers == 1 and (reduction not in (None, p.reduction) or hidden not in (None, channels)):
-            given = f"reduction={reduction}" if reduction not in (None, p.reduction) else f"hidden={hidden}"
-            raise ValueError(
-                f"{name}: preset {preset!r} has one {channels} -> {channels} channel layer and no reduction; "
-                f"expected reduction and hidden unset, got {given}"
-            )
-        reduction = p.reduction if reduction is None else reduction
-        self.channel = ChannelGate(
-            channels,
-            reduction,
-            hidden=hidden,
-            pool_types=p.pool_types if pool_types is None else pool_types,
-            bias=p.mlp_bias if mlp_bias is None else mlp_bias,
-            act_layer=act_layer,
-            gate=gate,
-            hidden_rounding=p.hidden_rounding,
-            layers=p.channel_layers,
+        self.arrangement = arrangement
+        channel_options, spatial_options = preset_options(
+            name, p, preset, channels, reduction=reduction, hidden=hidden, pool_types=pool_types, spatial=spatial,
+            arrangement=arrangement, mlp_bias=mlp_bias, spatial_bias=spatial_bias, spatial_norm=spatial_norm,
+            bn_momentum=bn_momentum,
         )
+        self.channel = ChannelGate(channels, act_layer=act_layer, gate=gate, **channel_options)
         self.spatial = (
-            SpatialGate(
-                channels,
-                kernel_size,
-                compress=spatial_compress,
-                bias=p.spatial_bias if spatial_bias is None else spatial_bias,
-                norm=p.spatial_norm if spatial_norm is None else spatial_norm,
-                bn_momentum=p.bn_momentum if bn_momentum is None else bn_momentum,
-                gate=gate,
-            )
+            SpatialGate(channels, kernel_size, compress=spatial_compress, gate=gate, **spatial_options)
             if spatial
             else None
         )

@@ -105,6 +105,12 @@ def plan_run(cfg: TrainConfig, out: Path) -> tuple[str, str, TrainConfig, dict[s
     return "start", "no checkpoint there", fresh, None
 
 
+def run_folder(root: Path, key: str, seed: int, seeds: list[int]) -> Path:
+    """Where :func:`run_variants` trains variant ``key`` for ``seed``: ``root/key``, or ``root/key-seedN`` among
+    several seeds."""
+    return root / (key if len(seeds) == 1 else f"{key}-seed{seed}")
+
+
 def run_variants(base: TrainConfig, keys: list[str], seeds: list[int], root: Path) -> dict[str, list[dict]]:
     """Train every variant for every seed (in order, one run folder each) and collect the summaries.
 
@@ -121,7 +127,7 @@ def run_variants(base: TrainConfig, keys: list[str], seeds: list[int], root: Pat
             for seed in seeds:
                 if stop.signum and single:  # came between two runs (the training loop acts on one during a run)
                     raise _stopped(stop.signum, finished, None)
-                out = root / (key if len(seeds) == 1 else f"{key}-seed{seed}")
+                out = run_folder(root, key, seed, seeds)
                 cfg = dataclasses.replace(base, **VARIANTS[key][1], seed=seed, output=str(out))
                 action, why, cfg, summary = plan_run(cfg, out)
                 head = f"== {key}: {VARIANTS[key][0]} (seed {seed}) -> {out}"

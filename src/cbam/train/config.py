@@ -174,8 +174,7 @@ def _check_values(cfg: TrainConfig) -> None:
         if getattr(cfg, key) >= 2**63:
             _fail(key, "below 2**63", getattr(cfg, key))
     # upper bounds: a value past them is a typo that would exhaust memory or never finish, not a setting
-    max_workers = 4 * (os.cpu_count() or 1)
-    maximums = {"workers": (max_workers, f"4 x this machine's {os.cpu_count() or 1} CPUs"),
+    maximums = {"workers": (max_workers(), f"4 x this machine's {os.cpu_count() or 1} CPUs"),
                 "image_size": (4096, "pixels"), "epochs": (100_000, ""), "in_chans": (4096, ""),
                 "reduction": (4096, ""), "clutter": (1000, "fragments"),
                 "synthetic_train_size": (10_000_000, "images"), "synthetic_val_size": (10_000_000, "images")}
@@ -219,11 +218,16 @@ def _check_values(cfg: TrainConfig) -> None:
         raise ValueError("resume and overwrite contradict each other: pass one of them")
 
 
+def max_workers() -> int:
+    """The most data-loader workers a setting may ask for: 4 per CPU (more is a typo that would fork until OOM)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def check_loader_settings(cfg: TrainConfig) -> None:
     """The data-loading settings alone (for ``cbam eval``, which takes them without a whole run to validate)."""
-    max_workers = 4 * (os.cpu_count() or 1)
-    if cfg.workers is not None and not 0 <= cfg.workers <= max_workers:
-        _fail("workers", f"from 0 to {max_workers} (4 x this machine's {os.cpu_count() or 1} CPUs)", cfg.workers)
+    most = max_workers()
+    if cfg.workers is not None and not 0 <= cfg.workers <= most:
+        _fail("workers", f"from 0 to {most} (4 x this machine's {os.cpu_count() or 1} CPUs)", cfg.workers)
     if cfg.batch_size < 1:
         _fail("batch_size", "at least 1", cfg.batch_size)
 

@@ -62,6 +62,7 @@ SYNTHETIC_STD = (0.231, 0.233, 0.232)
 DIGITS_MEAN = (0.128,)
 DIGITS_STD = (0.309,)
 GENERATED = ("synthetic", "cluttered-digits")  # data sets made from a seed: no files, no download
+GENERATED_SIZES = {"synthetic": 64, "cluttered-digits": 48}  # their image size when none is set
 
 
 @dataclass
@@ -704,7 +705,7 @@ def build_datasets(
         _check_int("image size", image_size, minimum=8)
 
     if key == "synthetic":
-        size = 64 if image_size is None else image_size
+        size = GENERATED_SIZES[key] if image_size is None else image_size
         for what, value in (("train size", synthetic_train_size), ("val size", synthetic_val_size)):
             _check_int(f"synthetic: {what}", value, minimum=1)
         train_tf, val_tf = _synthetic_transforms()
@@ -717,7 +718,7 @@ def build_datasets(
         return train, val, info
 
     if key == "cluttered-digits":
-        size = 48 if image_size is None else image_size
+        size = GENERATED_SIZES[key] if image_size is None else image_size
         for what, value in (("train size", synthetic_train_size), ("val size", synthetic_val_size)):
             _check_int(f"cluttered-digits: {what}", value, minimum=1)
         # No augmentation: the digit's position is already random, and a flip or crop would change or cut it.

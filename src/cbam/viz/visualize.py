@@ -32,7 +32,7 @@ from ..layers import CBAM
 from ..models.features import features_only
 from ..train.checkpoint import CheckpointError, atomic_write
 from ..train.config import TrainConfig, check_output_path
-from ..train.data import DataInfo
+from ..train.data import GENERATED, GENERATED_SIZES, DataInfo
 from ..train.engine import build_model, datasets_for, load_run
 from . import figures
 from .recorder import Recording, record
@@ -161,7 +161,7 @@ def _data_config(cfg: TrainConfig, dataset: str | None, data_dir: str | Path | N
     elif data_dir is not None:
         updates["data_dir"] = str(data_dir)
     cfg = dataclasses.replace(cfg, **updates)
-    if cfg.dataset in ("synthetic", "cluttered-digits"):
+    if cfg.dataset in GENERATED:
         cfg = dataclasses.replace(cfg, synthetic_train_size=1, synthetic_val_size=max(1, min(cfg.synthetic_val_size,
                                                                                                needed)))
     return cfg
@@ -175,7 +175,7 @@ def _check_same_data(main: TrainConfig, other: TrainConfig, path: Path) -> None:
     """Both runs must have seen the same images: data set, image size (unset: the data set's), generator options."""
 
     def described(cfg: TrainConfig) -> dict[str, Any]:
-        default = {"synthetic": 64, "cluttered-digits": 48}.get(cfg.dataset)
+        default = GENERATED_SIZES.get(cfg.dataset)
         keys = {"dataset": cfg.dataset, "image_size": cfg.image_size if cfg.image_size is not None else default}
         return keys | {k: getattr(cfg, k) for k in _GENERATED_KEYS.get(cfg.dataset, ())}
 
